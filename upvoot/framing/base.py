@@ -1,0 +1,127 @@
+"""The seam between a provider's wire format and the call.
+
+A *framing* is a pure, sans-IO codec: WebSocket frames in -> call events out;
+agent audio and commands in -> WebSocket frames out. No sockets, no reactor,
+no clock: it can be tested from recorded message sequences. The call machine
+only sees the events below and never knows which provider it talks to.
+
+Internal audio is 16 kHz mono s16le; a framing converts at its edge (codec,
+rate, base64, chunking) and keeps any conversion state across frames.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Union
+
+import attrs
+
+
+# ---- events: frames in -> what happened on the call ---------------------------
+
+
+@attrs.frozen
+class CallStarted:
+    """The provider says who is calling. For the raw protocol it comes from
+    the connection itself (there is no start message)."""
+
+    provider: str
+    call_id: str | None = None
+    stream_id: str | None = None
+    from_number: str | None = None
+    to_number: str | None = None
+    custom: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class CallerAudio:
+    pcm: bytes  # 16 kHz mono s16le, any length, always an even number of bytes
+
+
+@attrs.frozen
+class Dtmf:
+    digit: str
+
+
+@attrs.frozen
+class PlayoutMark:
+    """The provider reports that audio up to the mark ``name`` has played
+    (or was cleared, ``cleared=True``)."""
+
+    name: str
+    cleared: bool = False
+
+
+@attrs.frozen
+class EndCallRequested:
+    """The client asked the agent to end the call gracefully."""
+
+
+@attrs.frozen
+class CallStopped:
+    """The provider says the call is over (the socket will close)."""
+
+    reason: str = "hangup"
+
+
+@attrs.frozen
+class ProtocolError:
+    """A frame could not be understood. The call goes on; it is logged."""
+
+    message: str
+
+
+Event = Union[CallStarted, CallerAudio, Dtmf, PlayoutMark, EndCallRequested, CallStopped, ProtocolError]
+
+
+# ---- frames out ------------------------------------------------------------------
+
+
+@attrs.frozen
+class Frame:
+    """One WebSocket message to send: ``bytes`` go binary, ``str`` go as text."""
+
+    payload: Union[bytes, str]
+
+    @property
+    def is_binary(self) -> bool:
+        return isinstance(self.payload, bytes)
+
+
+class Framing(Protocol):
+    """What every provider codec implements (see ``upvoot.framing.raw``)."""
+
+    name: str
+    #: True when the provider acknowledges playback with marks, so the call
+    #: may use them as the clock of what the caller has heard.
+    acknowledges_playout: bool
+
+    def receive_text(self, text: str) -> list[Event]: ...
+
+    def receive_binary(self, data: bytes) -> list[Event]: ...
+
+    def audio_start(self) -> list[Frame]: ...
+
+    def audio(self, pcm: bytes) -> list[Frame]:
+        """Agent audio (16 kHz s16le, a multiple of 2 bytes)."""
+        ...
+
+    def audio_end(self, interrupted: bool) -> list[Frame]:
+        """The agent stopped speaking; flush any partial chunk."""
+        ...
+
+    def mark(self, name: str) -> list[Frame]: ...
+
+    def clear(self) -> list[Frame]:
+        """Drop audio the provider has buffered but not yet played."""
+        ...
+
+    def transcript(self, role: str, text: str) -> list[Frame]: ...
+
+    def interim(self, text: str) -> list[Frame]: ...
+
+    def turn_start(self) -> list[Frame]: ...
+
+    def event(self, type: str, **fields: object) -> list[Frame]:
+        """Any other server notice (e.g. ``error``); codecs without a channel
+        for it return []."""
+        ...

@@ -1,0 +1,432 @@
+"""The test dialer against a small raw-protocol server on a loopback port.
+
+The server (``FakeAgent``) does what ``upvoot.framing.raw`` promises: on open
+it sends ``audio_start``, a 440 Hz tone in 20 ms frames paced in real time
+(with a lead of three frames), ``audio_end``, and the agent's transcript. It
+records what the caller sends with arrival times, answers ``end_call`` with
+a goodbye and a 1000 close, and can deny the upgrade with 401.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import io
+import json
+import pathlib
+import wave
+
+import numpy as np
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer, task
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.logger import globalLogPublisher
+
+from upvoot import audio, dialer
+
+TONE_HZ = 440.0
+LEAD_FRAMES = 3
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+# ---- the fake agent -----------------------------------------------------------------------
+
+
+class FakeAgentProtocol(WebSocketServerProtocol):
+    _loop = None
+    _timers: list = ()  # type: ignore[assignment]
+
+    def onConnect(self, request):
+        if self.factory.deny:
+            raise ConnectionDeny(401, "unknown key")
+        self.factory.connections.append(self)
+        self.received: list[tuple[float, bytes]] = []
+        self.texts: list[tuple[float, str]] = []
+        self.close_code = None
+        self._loop = None
+        self._timers = []
+        return None
+
+    def onOpen(self):
+        self.opened_at = self.factory.clock.seconds()
+        self.send_json({"type": "audio_start"})
+        pcm = audio.tone(TONE_HZ, self.factory.greeting_seconds, level_dbfs=-12.0)
+        frames = [pcm[i : i + audio.FRAME_BYTES] for i in range(0, len(pcm), audio.FRAME_BYTES)]
+        for frame in frames[:LEAD_FRAMES]:
+            self.sendMessage(frame, isBinary=True)
+        rest = iter(frames[LEAD_FRAMES:])
+
+        def tick():
+            frame = next(rest, None)
+            if frame is None:
+                self._loop.stop()
+                self.audio_end_at = self.now()
+                self.send_json({"type": "audio_end", "interrupted": False})
+                self.send_json({"type": "transcript", "role": "agent", "text": "Hello."})
+                if self.factory.close_after_greeting is not None:
+                    self._timers.append(self.factory.clock.callLater(self.factory.close_after_greeting, self.sendClose, 1000, "done"))
+            else:
+                self.sendMessage(frame, isBinary=True)
+
+        self._loop = task.LoopingCall(tick)
+        self._loop.clock = self.factory.clock
+        self._loop.start(audio.FRAME_MS / 1000.0, now=False)
+
+    def now(self):
+        return self.factory.clock.seconds() - self.opened_at
+
+    def send_json(self, msg):
+        self.sendMessage(json.dumps(msg).encode(), isBinary=False)
+
+    def onMessage(self, payload, isBinary):
+        if isBinary:
+            self.received.append((self.now(), payload))
+            return
+        self.texts.append((self.now(), payload.decode()))
+        if json.loads(payload).get("type") == "end_call":
+            self.send_json({"type": "transcript", "role": "agent", "text": "Goodbye."})
+            self.sendClose(1000, "goodbye")
+
+    def onClose(self, wasClean, code, reason):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self.close_code = code
+        self.factory.closed.append(code)
+
+    def caller_audio(self) -> bytes:
+        return b"".join(data for _, data in self.received)
+
+
+class FakeAgent(WebSocketServerFactory):
+    protocol = FakeAgentProtocol
+
+    def __init__(self, *, deny=False, greeting_seconds=1.0, close_after_greeting=None):
+        super().__init__()
+        self.clock = _reactor()
+        self.deny = deny
+        self.greeting_seconds = greeting_seconds
+        self.close_after_greeting = close_after_greeting
+        self.connections: list[FakeAgentProtocol] = []
+        self.closed: list = []
+
+
+@pytest.fixture
+def serve():
+    """Start a FakeAgent on 127.0.0.1:0; yields a function returning (factory, url)."""
+    ports = []
+
+    @defer.inlineCallbacks
+    def start(tls=None, **kwargs):
+        factory = FakeAgent(**kwargs)
+        if tls is None:
+            endpoint = TCP4ServerEndpoint(_reactor(), 0, interface="127.0.0.1")
+        else:
+            endpoint = SSL4ServerEndpoint(_reactor(), 0, tls, interface="127.0.0.1")
+        port = yield endpoint.listen(factory)
+        ports.append(port)
+        scheme = "ws" if tls is None else "wss"
+        return factory, f"{scheme}://127.0.0.1:{port.getHost().port}/voice/sk_test_key"
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors():
+    """pytest-twisted lets logged errors pass: fail the test on any."""
+    errors = []
+
+    def observer(event):
+        if event.get("isError") or "log_failure" in event:
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield errors
+    globalLogPublisher.removeObserver(observer)
+    assert errors == []
+    # every timer the dialer or the fake agent started is gone
+    def ours(c):
+        return isinstance(c.func, task.LoopingCall) or isinstance(getattr(c.func, "__self__", None), (dialer.Call, FakeAgentProtocol))
+
+    left = [c for c in _reactor().getDelayedCalls() if ours(c)]
+    assert left == []
+
+
+def _printer():
+    out, err = io.StringIO(), io.StringIO()
+    return dialer.Printer(out, err), out, err
+
+
+def _settle(seconds=0.05):
+    return task.deferLater(_reactor(), seconds, lambda: None)
+
+
+def _dominant_hz(pcm: bytes) -> float:
+    x = audio.to_float32(pcm)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1.0 / audio.RATE)[int(np.argmax(spectrum))])
+
+
+def _loud_spans(pcm: bytes, threshold_dbfs=-40.0) -> list[tuple[int, int]]:
+    """(first, last+1) 20 ms frame indexes of runs of loud frames."""
+    spans, start = [], None
+    n = len(pcm) // audio.FRAME_BYTES
+    for i in range(n):
+        loud = audio.rms_dbfs(pcm[i * audio.FRAME_BYTES : (i + 1) * audio.FRAME_BYTES]) > threshold_dbfs
+        if loud and start is None:
+            start = i
+        elif not loud and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, n))
+    return spans
+
+
+# ---- calls against the fake agent --------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_prints_control_messages_in_order_and_records_the_greeting(serve):
+    agent, url = yield serve(close_after_greeting=0.3)
+    printer, out, err = _printer()
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, record=True), printer=printer)
+
+    lines = out.getvalue().splitlines()
+    assert [json.loads(line.split(" ", 1)[1])["type"] for line in lines[:-1]] == ["audio_start", "audio_end", "transcript"]
+    times = [float(line.split(" ", 1)[0].rstrip("s")) for line in lines[:-1]]
+    assert all(line.startswith("+") for line in lines[:-1])
+    assert times == sorted(times)
+    assert 0.9 < times[1] < 1.5  # audio_end after ~1 s of paced audio
+    assert lines[-1].startswith("summary: received 1.00 s of agent audio in 50 frames (1 bursts)")
+    assert "closed by the server" in lines[-1] and "code 1000 'done'" in lines[-1]
+    assert err.getvalue() == ""
+
+    assert result.closed_by == "server" and result.close_code == 1000
+    assert dialer.exit_code(result) == 0
+    assert result.first_audio_at < 0.2
+    [(first, last)] = _loud_spans(result.recording)
+    assert 48 <= last - first <= 51  # ~1 s of tone, no gaps inside
+    tone = result.recording[first * audio.FRAME_BYTES : last * audio.FRAME_BYTES]
+    assert abs(_dominant_hz(tone) - TONE_HZ) < 5
+    # time-aligned: starts at the arrival (plus the jitter buffer), lasts to the hang-up
+    assert first * 0.02 == pytest.approx(result.first_audio_at + dialer.PLAYOUT_DELAY, abs=0.03)
+    assert audio.duration(result.recording) == pytest.approx(result.duration, abs=0.01)
+
+
+@pytest_twisted.inlineCallbacks
+def test_json_lines(serve):
+    agent, url = yield serve(greeting_seconds=0.2, close_after_greeting=0.0)
+    out, err = io.StringIO(), io.StringIO()
+    yield dialer.dial(_reactor(), dialer.DialOptions(url), printer=dialer.Printer(out, err, json_lines=True))
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [row["msg"]["type"] for row in rows[:-1]] == ["audio_start", "audio_end", "transcript"]
+    assert all(isinstance(row["t"], float) for row in rows)
+    assert rows[-1]["summary"]["audio_frames"] == 10
+    assert rows[-1]["summary"]["close_code"] == 1000
+    assert rows[-1]["summary"]["exit"] == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_record_raw_concatenates(serve):
+    agent, url = yield serve(greeting_seconds=0.4, close_after_greeting=0.2)
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, record=True, record_raw=True))
+    assert len(result.recording) == 20 * audio.FRAME_BYTES
+    assert result.recording == audio.tone(TONE_HZ, 0.4, level_dbfs=-12.0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_played_wav_reaches_the_server_in_real_time(serve):
+    agent, url = yield serve(greeting_seconds=0.3)
+    caller = audio.tone(1000.0, 1.0, level_dbfs=-6.0)
+    options = dialer.DialOptions(url, play=caller, play_after_greeting=True, hangup_after=1.8)
+    result = yield dialer.dial(_reactor(), options)
+    yield _settle()
+
+    [server] = agent.connections
+    assert all(len(data) == audio.FRAME_BYTES for _, data in server.received)
+    loud = [(t, data) for t, data in server.received if audio.rms_dbfs(data) > -40]
+    assert b"".join(data for _, data in loud) == caller  # every sample, in order, nothing else
+    # not before the greeting ended, and paced: 50 frames over ~0.98 s, not dumped
+    assert loud[0][0] >= server.audio_end_at - 0.005
+    assert loud[-1][0] - loud[0][0] == pytest.approx(0.98, abs=0.08)
+    gaps = np.diff([t for t, _ in loud])
+    assert np.median(gaps) == pytest.approx(0.02, abs=0.004)
+    # the line stays open with silence before and after the WAV, in real time
+    assert server.received[0][0] < 0.05
+    assert len(server.received) == pytest.approx(1.8 / 0.02, abs=5)
+    assert result.closed_by == "client" and result.hangup_reason == "hangup-after"
+    assert server.close_code == 1000
+    assert dialer.exit_code(result) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_end_call_is_sent(serve):
+    agent, url = yield serve(greeting_seconds=0.2)
+    printer, out, err = _printer()
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, end_call_after=0.5), printer=printer)
+    yield _settle()
+
+    [server] = agent.connections
+    [(t, text)] = server.texts
+    assert json.loads(text) == {"type": "end_call"}
+    assert t == pytest.approx(0.5, abs=0.05)
+    assert result.end_call_sent_at == pytest.approx(0.5, abs=0.05)
+    assert '+0.5' in out.getvalue() and 'sent {"type": "end_call"}' in out.getvalue()
+    assert result.messages[-1][1] == {"type": "transcript", "role": "agent", "text": "Goodbye."}
+    assert result.closed_by == "server" and result.close_code == 1000
+    assert dialer.exit_code(result) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_seconds_hangs_up(serve):
+    agent, url = yield serve(greeting_seconds=0.1)
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, max_seconds=0.4))
+    assert result.closed_by == "client" and result.hangup_reason == "max-seconds"
+    assert result.duration == pytest.approx(0.4, abs=0.1)
+    assert dialer.exit_code(result) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_upgrade_is_reported_with_exit_code_3(serve):
+    agent, url = yield serve(deny=True)
+    printer, out, err = _printer()
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, connect_timeout=5), printer=printer)
+    assert result.refused == 401 and not result.opened
+    assert dialer.exit_code(result) == 3
+    assert err.getvalue() == "refused: HTTP 401\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_refused_is_a_failure():
+    # a port that was just free: nothing listens there
+    port = yield TCP4ServerEndpoint(_reactor(), 0, interface="127.0.0.1").listen(FakeAgent())
+    number = port.getHost().port
+    yield port.stopListening()
+    printer, out, err = _printer()
+    result = yield dialer.dial(_reactor(), dialer.DialOptions(f"ws://127.0.0.1:{number}/voice/k"), printer=printer)
+    assert dialer.exit_code(result) == 1
+    assert err.getvalue().startswith(f"failed: cannot connect to 127.0.0.1:{number}")
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    from twisted.internet.ssl import DefaultOpenSSLContextFactory
+
+    return str(tmp_path / "cert.pem"), DefaultOpenSSLContextFactory(str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_wss_with_cafile_and_insecure(serve, tmp_path):
+    cafile, server_tls = _self_signed(tmp_path)
+    agent, url = yield serve(tls=server_tls, greeting_seconds=0.1, close_after_greeting=0.0)
+    trusted = yield dialer.dial(_reactor(), dialer.DialOptions(url, cafile=cafile))
+    assert trusted.close_code == 1000 and trusted.audio_frames == 5
+    insecure = yield dialer.dial(_reactor(), dialer.DialOptions(url, insecure=True))
+    assert insecure.close_code == 1000 and insecure.audio_frames == 5
+    untrusted = yield dialer.dial(_reactor(), dialer.DialOptions(url, connect_timeout=5))
+    assert not untrusted.opened and dialer.exit_code(untrusted) == 1
+    assert "certificate verify failed" in untrusted.error
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    dialer.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_missing_wav_is_exit_2(tmp_path):
+    err = io.StringIO()
+    code = dialer.run(_args("ws://127.0.0.1:9/voice/k", "--play", str(tmp_path / "nope.wav")), io.StringIO(), err)
+    assert code == 2
+    assert err.getvalue() == f"error: cannot read {tmp_path / 'nope.wav'}: no such file\n"
+
+
+def test_8_bit_wav_is_exit_2(tmp_path):
+    path = tmp_path / "eight.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(b"\x80" * 800)
+    err = io.StringIO()
+    assert dialer.run(_args("ws://127.0.0.1:9/voice/k", "--play", str(path)), io.StringIO(), err) == 2
+    assert err.getvalue().count("\n") == 1 and "only 16-bit PCM WAV is supported" in err.getvalue()
+
+
+def test_not_a_wav_and_bad_url_are_exit_2(tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not a wav at all")
+    err = io.StringIO()
+    assert dialer.run(_args("ws://127.0.0.1:9/voice/k", "--play", str(junk)), io.StringIO(), err) == 2
+    assert dialer.run(_args("http://127.0.0.1:9/voice/k"), io.StringIO(), err) == 2
+    assert dialer.run(_args("ws://127.0.0.1:9/voice/k", "--cafile", str(junk)), io.StringIO(), err) == 2
+    assert len(err.getvalue().splitlines()) == 3
+
+
+def test_stereo_44k_wav_becomes_16k_mono(tmp_path):
+    path = tmp_path / "stereo.wav"
+    left = audio.to_int16(audio.tone(1000.0, 0.5, rate=44100))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(np.stack([left, left], axis=1).astype("<i2").tobytes())
+    options = dialer.options_from_args(_args("ws://127.0.0.1:9/voice/k", "--play", str(path)))
+    assert audio.duration(options.play) == pytest.approx(0.5, abs=0.01)
+    assert abs(_dominant_hz(options.play) - 1000.0) < 5
+
+
+# ---- the playout model, on a fake clock ------------------------------------------------------
+
+
+def test_playout_keeps_gaps_between_bursts_and_absorbs_small_jitter():
+    frame = audio.tone(440.0, 0.02)
+    p = dialer.Playout(delay=0.04)
+    for i in range(10):  # 0.2 s burst at 1.0 s, each frame 3 ms late
+        p.add(1.0 + i * 0.02 + (0.003 if i else 0), frame)
+    for i in range(5):  # second burst at 2.0 s
+        p.add(2.0 + i * 0.02, frame)
+    pcm = p.finish(3.0)
+    assert audio.duration(pcm) == pytest.approx(3.0)
+    assert _loud_spans(pcm) == [(52, 62), (102, 107)]

@@ -1,0 +1,89 @@
+"""Agents at run time: their engines (built once, shared) and their cached lines.
+
+Engines are keyed by (kind, name, settings): two agents with the same
+whisper settings share one loaded model. Each agent's fixed lines (greeting,
+goodbye, closing lines, prompts) are synthesized once at start and kept, so
+a greeting's first frame leaves within milliseconds of the upgrade.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from upvoot.config import AgentConfig
+from upvoot.engines import get_factory
+from upvoot.engines.interfaces import EngineContext
+
+
+class PhraseCache:
+    """Text -> synthesized 16 kHz PCM, for lines an agent says verbatim."""
+
+    def __init__(self) -> None:
+        self._audio: dict[str, bytes] = {}
+
+    def get(self, text: str) -> bytes | None:
+        return self._audio.get(text)
+
+    def put(self, text: str, pcm: bytes) -> None:
+        self._audio[text] = pcm
+
+    def __len__(self) -> int:
+        return len(self._audio)
+
+
+@attrs.define
+class Agent:
+    config: AgentConfig
+    vad: Any
+    stt: Any
+    brain: Any
+    tts: Any
+    phrases: PhraseCache
+
+
+class AgentRegistry:
+    """Builds every configured agent's engines; ``agents[name]`` afterwards."""
+
+    _log = Logger()
+
+    def __init__(self, configs: Mapping[str, AgentConfig], context: EngineContext) -> None:
+        self.configs = configs
+        self.context = context
+        self.agents: dict[str, Agent] = {}
+        self._engines: dict[tuple, Any] = {}
+
+    def build_engines(self) -> None:
+        """Load models. Blocking: call it from a thread (or a test)."""
+        for cfg in self.configs.values():
+            built = {}
+            for kind, spec in cfg.engines.items():
+                key = (kind, spec.name, spec.settings)
+                if key not in self._engines:
+                    self._log.info("Loading {kind} engine {name}", event="engine.loading", kind=kind, name=spec.name)
+                    self._engines[key] = get_factory(kind, spec.name).build(spec.settings, self.context)
+                built[kind] = self._engines[key]
+            self.agents[cfg.name] = Agent(cfg, built["vad"], built["stt"], built["brain"], built["tts"], PhraseCache())
+
+    async def warm_phrases(self) -> None:
+        """Synthesize every agent's fixed lines once (run on the reactor)."""
+        for agent in self.agents.values():
+            for line in agent.config.fixed_lines():
+                chunks = []
+                async for pcm in agent.tts.synthesize(line):
+                    chunks.append(pcm)
+                agent.phrases.put(line, b"".join(chunks))
+            self._log.info("Agent {agent}: {n} lines cached", event="agent.ready", agent=agent.config.name, n=len(agent.phrases))
+
+    def prepare(self, reactor: Any) -> defer.Deferred:
+        """Build engines in a thread, then warm the phrase caches."""
+        from twisted.internet.threads import deferToThread
+
+        async def run() -> None:
+            await deferToThread(self.build_engines)
+            await self.warm_phrases()
+
+        return defer.Deferred.fromCoroutine(run())

@@ -1,0 +1,202 @@
+"""The running daemon: one service that owns the shared parts of all calls.
+
+It owns the database, the worker pool, the agents (models loaded once), the
+shared pacing tick, the admission rules, and the list of running calls.
+Listeners are its children (``strports`` services), so a busy port or a bad
+certificate stops twistd with an error instead of leaving a daemon that
+listens nowhere.
+
+Start-up order: the database opens synchronously in ``startService`` (an
+unwritable path fails the start); models load in a thread and the agents'
+fixed lines are synthesized; until then upgrades get 503, so no caller ever
+hears a half-ready agent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from upvoot import store as storemod
+from upvoot.agents import AgentRegistry
+from upvoot.config import Config
+from upvoot.engines.interfaces import EngineContext
+from upvoot.playout import Pacer
+from upvoot.workers import WorkerPool
+
+
+class LagMonitor:
+    """How late the reactor runs a timer: the admission signal for
+    "this process is saturated". Exponentially averaged, sampled every 50 ms."""
+
+    def __init__(self, clock: Any, interval: float = 0.05) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.average = 0.0
+        self.worst = 0.0
+        self._expected = 0.0
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._expected = self.clock.seconds() + self.interval
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        now = self.clock.seconds()
+        lag = max(0.0, now - self._expected)
+        self._expected = now + self.interval
+        self.average = 0.8 * self.average + 0.2 * lag
+        self.worst = max(self.worst, lag)
+
+
+class UpVootService(service.MultiService):
+    _log = Logger()
+    retry_after = 5
+    stall_timeout = 10.0
+    heartbeat_interval = 15.0
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.store = storemod.Store(config.database, reactor)
+        self.pool = WorkerPool(reactor, size=config.workers, queue_limit=config.worker_queue)
+        self.pacer = Pacer(reactor)
+        self.lag = LagMonitor(reactor)
+        self.agents: AgentRegistry | None = None
+        self.ready = False
+        self.draining = False
+        self.calls: set = set()
+        self.calls_reserved = 0
+        self.refusals: dict[int, int] = {}
+        self.calls_total = 0
+        self._settling: set[defer.Deferred] = set()
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
+
+    # ------------------------------------------------------------ lifecycle
+    def add_listeners(self, endpoints: list[str], factory: Any) -> None:
+        for description in endpoints:
+            strports.service(description, factory).setServiceParent(self)
+
+    def startService(self) -> None:
+        self.store.start()
+        self.pool.start()
+        self.lag.start()
+        conn = storemod.connect(self.config.database)
+        try:
+            orphans = storemod.transact(conn, storemod.settle_orphans, time.time(), "crash", self._charge_for)
+        finally:
+            conn.close()
+        for record in orphans:
+            self._log.warn("Settled call {call_id} left active by a dead process: {duration:.0f}s, {points} points",
+                           event="store.orphan_settled", call_id=record.call_id, duration=record.duration,
+                           points=record.points_charged)
+        self._heartbeat.start(self.heartbeat_interval, now=False)
+        registry = AgentRegistry(self.config.agents, EngineContext(pool=self.pool, clock=self.reactor))
+        d = registry.prepare(self.reactor)
+
+        def ready(_: object) -> None:
+            self.agents = registry
+            self.ready = True
+            self._log.info("UpVoot ready: {n} agents", event="upvoot.ready", n=len(registry.agents))
+
+        def failed(f):
+            self._log.failure("Could not load the engines; stopping", f, event="upvoot.engines_failed")
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(ready, failed)
+        super().startService()
+
+    def _charge_for(self, record: storemod.CallRecord) -> int:
+        """Points for an orphaned call: the duration its last heartbeat proves."""
+        cfg = self.config.agents.get(record.agent)
+        if cfg is None:
+            return 0
+        return math.ceil(max(0.0, record.duration) / cfg.billing_increment) * cfg.points_per_increment
+
+    def _beat(self) -> None:
+        now = time.time()
+        for proto in list(self.calls):
+            d = self.store.heartbeat(proto.core.call_id, now)
+            d.addErrback(lambda f: self._log.failure("Heartbeat failed", f, event="store.heartbeat_failed"))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()  # listeners first: no new calls
+        for proto in list(self.calls):
+            if proto.machine is not None:
+                proto.machine.shutdown()
+        if self._settling:
+            yield defer.DeferredList(list(self._settling))
+        self.lag.stop()
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        self.pool.stop()
+        self.store.close()
+
+    # ------------------------------------------------------------ admission
+    def admission_refusal(self) -> str | None:
+        """Why a new call must be refused now, or None."""
+        if not self.ready:
+            return "starting"
+        if self.draining:
+            return "draining"
+        if len(self.calls) + self.calls_reserved >= self.config.max_calls:
+            return f"max_calls ({self.config.max_calls}) reached"
+        if self.lag.average > self.config.lag_budget:
+            return f"reactor lag {self.lag.average * 1000:.0f} ms over budget"
+        return None
+
+    def note_refusal(self, status: int) -> None:
+        self.refusals[status] = self.refusals.get(status, 0) + 1
+
+    # ---------------------------------------------------------------- calls
+    def call_opened(self, proto: Any) -> None:
+        self.calls.add(proto)
+        self.calls_total += 1
+        start = storemod.CallStart(
+            call_id=proto.core.call_id, key_prefix=proto.key_info.prefix, account=proto.key_info.account,
+            agent=proto.key_info.agent, provider=proto.framing.name, started_at=proto.core.started_wall,
+            metadata={"peer": proto.peer},
+        )
+        d = self.store.open_call(start)
+        d.addErrback(lambda f: self._log.failure("Could not record call start", f, event="store.open_failed",
+                                                 call_id=start.call_id))
+
+    def call_ended(self, proto: Any, summary: dict) -> None:
+        self.calls.discard(proto)
+        record = storemod.CallRecord(
+            call_id=summary["call_id"], key_prefix=summary["key_prefix"], account=summary["account"],
+            agent=summary["agent"], provider=summary["provider"], started_at=summary["started_at"],
+            ended_at=summary["ended_at"], duration=summary["duration"], end_reason=summary["end_reason"],
+            turns=summary["turns"], barge_ins=summary["barge_ins"], barge_ins_resumed=summary["barge_ins_resumed"],
+            points_charged=summary["points_charged"], transcript=summary["transcript"],
+            metadata={**summary["metadata"], "engine_failures": summary["engine_failures"]},
+        )
+        d = self.store.settle_call(record)
+        self._settling.add(d)
+
+        def done(charged):
+            self._settling.discard(d)
+            self._log.info("Call {call_id} settled: {charged} points", event="call.settled",
+                           call_id=record.call_id, charged=charged)
+
+        def failed(f):
+            self._settling.discard(d)
+            self._log.failure("Could not settle call {call_id}", f, event="store.settle_failed", call_id=record.call_id)
+
+        d.addCallbacks(done, failed)

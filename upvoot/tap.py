@@ -1,0 +1,61 @@
+"""``twistd upvoot``: command-line options and the one composition root.
+
+Configuration errors raise ``usage.UsageError`` from ``postOptions``, so
+twistd prints one line naming file, section and option and exits 1 before
+it daemonizes.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from upvoot._env import set_offline_environment
+
+set_offline_environment()  # before any engine module can import onnxruntime
+
+from upvoot.config import ConfigError, load_config  # noqa: E402
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE [--listen ENDPOINT ...]"
+    longdesc = (
+        "Run the UpVoot voice-agent bridge. --listen (repeatable) replaces the "
+        "ini file's [upvoot] listen endpoints, e.g. --listen tcp:8080:interface=127.0.0.1"
+    )
+    optParameters = [["config", "c", None, "the ini file (see etc/upvoot.ini)"]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """A Twisted endpoint string to listen on (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self.endpoints = self["listen"] or list(self.config.listen)
+        from twisted.application import strports
+
+        for description in self.endpoints:
+            try:
+                strports.service(description, None)
+            except Exception as e:  # bad endpoint syntax or plugin name
+                where = "--listen" if self["listen"] else f"{self.config.path}: [upvoot] listen"
+                raise usage.UsageError(f"{where}: bad endpoint {description!r}: {e}") from None
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from upvoot.service import UpVootService
+    from upvoot.ws import VoiceFactory
+
+    service = UpVootService(options.config, reactor)
+    service.add_listeners(options.endpoints, VoiceFactory(service))
+    return service

@@ -14,6 +14,7 @@ import datetime
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import wave
 
@@ -42,6 +43,9 @@ def _reactor():
 
 
 class FakeAgentProtocol(WebSocketServerProtocol):
+    """With ``factory.converse``: barge-in after 200 ms of loud caller audio
+    while speaking; a 1.5 s answer 300 ms after the caller stops talking."""
+
     _loop = None
     _timers: list = ()  # type: ignore[assignment]
 
@@ -52,14 +56,18 @@ class FakeAgentProtocol(WebSocketServerProtocol):
         self.received: list[tuple[float, bytes]] = []
         self.texts: list[tuple[float, str]] = []
         self.close_code = None
-        self._loop = None
         self._timers = []
+        self._loud = 0  # consecutive loud caller frames
+        self._quiet = 0  # consecutive quiet caller frames after speech
         return None
 
     def onOpen(self):
         self.opened_at = self.factory.clock.seconds()
+        self.speak(self.factory.greeting_seconds, "Hello.")
+
+    def speak(self, seconds, text):
         self.send_json({"type": "audio_start"})
-        pcm = audio.tone(TONE_HZ, self.factory.greeting_seconds, level_dbfs=-12.0)
+        pcm = audio.tone(TONE_HZ, seconds, level_dbfs=-12.0)
         frames = [pcm[i : i + audio.FRAME_BYTES] for i in range(0, len(pcm), audio.FRAME_BYTES)]
         for frame in frames[:LEAD_FRAMES]:
             self.sendMessage(frame, isBinary=True)
@@ -68,18 +76,25 @@ class FakeAgentProtocol(WebSocketServerProtocol):
         def tick():
             frame = next(rest, None)
             if frame is None:
-                self._loop.stop()
-                self.audio_end_at = self.now()
-                self.send_json({"type": "audio_end", "interrupted": False})
-                self.send_json({"type": "transcript", "role": "agent", "text": "Hello."})
-                if self.factory.close_after_greeting is not None:
-                    self._timers.append(self.factory.clock.callLater(self.factory.close_after_greeting, self.sendClose, 1000, "done"))
+                self.stop_speaking(interrupted=False, text=text)
             else:
                 self.sendMessage(frame, isBinary=True)
 
         self._loop = task.LoopingCall(tick)
         self._loop.clock = self.factory.clock
         self._loop.start(audio.FRAME_MS / 1000.0, now=False)
+
+    def stop_speaking(self, interrupted, text):
+        self._loop.stop()
+        self._loop = None
+        self.audio_end_at = self.now()
+        self.send_json({"type": "audio_end", "interrupted": interrupted})
+        self.send_json({"type": "transcript", "role": "agent", "text": text})
+        if self.factory.close_after_greeting is not None:
+            self.later(self.factory.close_after_greeting, self.sendClose, 1000, "done")
+
+    def later(self, seconds, f, *args):
+        self._timers.append(self.factory.clock.callLater(seconds, f, *args))
 
     def now(self):
         return self.factory.clock.seconds() - self.opened_at
@@ -90,11 +105,28 @@ class FakeAgentProtocol(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         if isBinary:
             self.received.append((self.now(), payload))
+            if self.factory.converse:
+                self.hear(audio.rms_dbfs(payload) > -30)
             return
         self.texts.append((self.now(), payload.decode()))
         if json.loads(payload).get("type") == "end_call":
             self.send_json({"type": "transcript", "role": "agent", "text": "Goodbye."})
             self.sendClose(1000, "goodbye")
+
+    def hear(self, loud):
+        self._loud = self._loud + 1 if loud else 0
+        if self._loop is not None:
+            if self._loud >= 10:
+                self.stop_speaking(interrupted=True, text="Hel")
+            return
+        if loud:
+            self._quiet = 1
+        elif self._quiet:
+            self._quiet += 1
+            if self._quiet == 15:
+                self._quiet = 0
+                self.send_json({"type": "turn_start"})
+                self.later(0.3, self.speak, 1.5, "An answer.")
 
     def onClose(self, wasClean, code, reason):
         if self._loop is not None and self._loop.running:
@@ -105,19 +137,17 @@ class FakeAgentProtocol(WebSocketServerProtocol):
         self.close_code = code
         self.factory.closed.append(code)
 
-    def caller_audio(self) -> bytes:
-        return b"".join(data for _, data in self.received)
-
 
 class FakeAgent(WebSocketServerFactory):
     protocol = FakeAgentProtocol
 
-    def __init__(self, *, deny=False, greeting_seconds=1.0, close_after_greeting=None):
+    def __init__(self, *, deny=False, greeting_seconds=1.0, close_after_greeting=None, converse=False):
         super().__init__()
         self.clock = _reactor()
         self.deny = deny
         self.greeting_seconds = greeting_seconds
         self.close_after_greeting = close_after_greeting
+        self.converse = converse
         self.connections: list[FakeAgentProtocol] = []
         self.closed: list = []
 
@@ -211,7 +241,7 @@ def test_prints_control_messages_in_order_and_records_the_greeting(serve):
     assert all(line.startswith("+") for line in lines[:-1])
     assert times == sorted(times)
     assert 0.9 < times[1] < 1.5  # audio_end after ~1 s of paced audio
-    assert lines[-1].startswith("summary: received 1.00 s of agent audio in 50 frames (1 bursts)")
+    assert lines[-1].startswith("summary: received 1.00 s of agent audio in 50 frames (1 burst)")
     assert "closed by the server" in lines[-1] and "code 1000 'done'" in lines[-1]
     assert err.getvalue() == ""
 
@@ -430,3 +460,87 @@ def test_playout_keeps_gaps_between_bursts_and_absorbs_small_jitter():
     pcm = p.finish(3.0)
     assert audio.duration(pcm) == pytest.approx(3.0)
     assert _loud_spans(pcm) == [(52, 62), (102, 107)]
+
+
+# ---- bench/load.py: the pieces that need no daemon -------------------------------------------
+
+
+def _load_bench():
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "load.py"
+    spec = importlib.util.spec_from_file_location("upvoot_bench_load", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+def test_percentile(bench):
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([7.0], 99) == 7.0
+    assert bench.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    values = list(range(1, 101))
+    assert bench.percentile(values, 0) == 1 and bench.percentile(values, 100) == 100
+    assert bench.percentile(values, 99) == pytest.approx(99.01)
+    assert bench.percentile(values, 50) == pytest.approx(np.percentile(values, 50))
+
+
+def test_parse_proc_stat(bench):
+    # a command name with spaces and parentheses; utime 1234, stime 567 (fields 14, 15)
+    line = "4242 (twistd (upvoot) x) S 1 4242 4242 0 -1 4194560 8123 0 0 0 1234 567 3 4 20 0 9 0 777 0 0"
+    assert bench.parse_proc_stat(line) == 1234 + 567
+    # this very process, read the real way
+    assert bench.cpu_seconds(os.getpid()) > 0
+
+
+def test_frame_jitter_skips_the_lead_and_measures_gaps(bench):
+    frames = [(0.0, 640), (0.0, 640), (0.0, 640)]  # a lead of three frames at once
+    frames += [(0.02 * (i - 2) + (0.005 if i == 6 else 0.0), 640) for i in range(3, 12)]  # then paced
+    burst = dialer.Burst(start=0.0, end=0.3, interrupted=False, frames=frames)
+    jitter = bench.frame_jitter([burst], skip=0.06)
+    assert len(jitter) == 9
+    assert sorted(round(j, 4) for j in jitter)[-2:] == [0.005, 0.005]  # frame 6 late, 7 early by as much
+    assert bench.frame_jitter([burst], skip=0.0)[:2] == [0.02, 0.02]  # the lead, when not skipped
+
+
+def test_barge_in_latency_pairs_onsets_with_interrupted_bursts(bench):
+    spoken = dialer.Burst(start=0.0, end=2.05, interrupted=True, frames=[(0.02 * i, 640) for i in range(100)])
+    finished = dialer.Burst(start=3.0, end=4.0, interrupted=False, frames=[(3.0, 640)])
+    [cut, missed, outside] = bench.barge_ins([spoken, finished], [1.7, 3.5, 5.0])
+    assert cut.last_frame == pytest.approx(0.28) and cut.heard == pytest.approx(0.3)
+    assert missed.last_frame is None and outside.last_frame is None
+
+
+def test_call_urls_and_redaction(bench):
+    assert bench.call_urls("ws://h:1/voice/k", [], 2) == ["ws://h:1/voice/k"] * 2
+    assert bench.call_urls("ws://h:1/voice", ["a", "b"], 3) == ["ws://h:1/voice/a", "ws://h:1/voice/b", "ws://h:1/voice/a"]
+    assert bench.call_urls("ws://h:1/voice/{key}?x=1", ["a"], 1) == ["ws://h:1/voice/a?x=1"]
+    assert bench.redact("ws://h:1/voice/sk_live_secret") == "ws://h:1/voice/sk_liv…"
+
+
+def test_voice_like_is_loud_enough_to_barge_in(bench):
+    pcm = bench.voice_like(1.0, level_dbfs=-18.0)
+    assert audio.duration(pcm) == pytest.approx(1.0)
+    levels = [audio.rms_dbfs(pcm[i : i + audio.FRAME_BYTES]) for i in range(audio.FRAME_BYTES, len(pcm) - audio.FRAME_BYTES, audio.FRAME_BYTES)]
+    assert min(levels) > -30
+
+
+@pytest_twisted.inlineCallbacks
+def test_load_run_against_the_fake_agent(bench, serve):
+    agent, url = yield serve(greeting_seconds=1.5, converse=True)
+    args = bench.parser().parse_args(["--url", url, "--calls", "3", "--seconds", "4", "--ramp", "0.2", "--talk-after", "0.5", "--pid", str(os.getpid())])
+    report = yield defer.Deferred.fromCoroutine(bench.run_load(_reactor(), args, bench.voice_like(1.0), []))
+    f = report.figures()
+    assert f["outcomes"] == {"held": 3, "ended by server": 0, "dropped": 0, "refused": 0, "failed": 0}
+    assert f["greeting_ms"]["n"] == 3 and f["greeting_ms"]["p99"] < 100
+    assert f["jitter_ms"]["n"] > 100 and f["jitter_ms"]["p50"] < 5
+    # the fake agent stops after 10 loud frames: the last frame comes ~180 ms after the onset
+    assert f["barge_ins_interrupted"] >= 3
+    assert 150 < f["barge_in_last_frame_ms"]["p50"] < 260
+    assert f["barge_in_heard_ms"]["p50"] > f["barge_in_last_frame_ms"]["p50"]
+    assert f["server_cpu"]["cpu_seconds_per_call_minute"] >= 0
+    table = bench.format_report(report)
+    assert "held 3" in table and "greeting latency (ms)" in table and "% of a core per call" in table

@@ -400,6 +400,7 @@ async def test_piper_streams_one_chunk_per_piece(tts):
     chunks = await collect(tts, "Hello there. This is the second sentence. And a third one!")
     assert len(chunks) == 3
     assert all(len(c) > audio.BYTES_PER_SECOND // 5 and len(c) % 2 == 0 for c in chunks)
+    assert await collect(tts, "") == []
 
 
 @pytest.mark.slow

@@ -676,7 +676,7 @@ def _ending(inp, reason: EndReason, line_of: Callable[[Any], str]) -> None:
         reg = on(state, inp, ending)
         if state in (listening, hearing):
 
-            def impl(proto, core, data, *a, _reason=reason, _line=line_of):
+            def impl(proto, core, data: object, *a, _reason=reason, _line=line_of):
                 data.cancel()
                 core.begin_ending(_reason, _line(core.agent.config))
 
@@ -706,7 +706,7 @@ for _state in _LIVE + (ending, new):
     reg = on(_state, CallInputs.hangup, ended)
     if _state in (listening, hearing):
 
-        def _hang(proto, core, data):
+        def _hang(proto, core, data: object):
             data.cancel()
             core.finish(EndReason.HANGUP)
 
@@ -722,8 +722,15 @@ for _state in _LIVE + (ending, new):
 # wrap-up warning while busy: say it at the next quiet moment
 for _state in (hearing, thinking, speaking, paused):
 
-    def _later(proto, core, *a):
-        core.wrap_up_pending = True
+    if _state is hearing:
+
+        def _later(proto, core, data: object):
+            core.wrap_up_pending = True
+
+    else:
+
+        def _later(proto, core):
+            core.wrap_up_pending = True
 
     _handled.add((_state.name, "wrap_up_due"))
     _state.upon(CallInputs.wrap_up_due).loop()(_later)

@@ -312,7 +312,7 @@ def summary_text(r: DialResult) -> str:
     unclean = "" if r.clean else ", unclean"
     return (
         f"summary: received {r.audio_seconds:.2f} s of agent audio in {r.audio_frames} frames"
-        f" ({len(r.bursts)} bursts{stray}), sent {duration(r.sent_bytes):.2f} s;"
+        f" ({len(r.bursts)} burst{'' if len(r.bursts) == 1 else 's'}{stray}), sent {duration(r.sent_bytes):.2f} s;"
         f" closed {by}{why} after {r.duration:.3f} s: code {r.close_code}{reason}{unclean}"
     )
 

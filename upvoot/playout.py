@@ -85,8 +85,9 @@ class Playback:
 
     # pacer side --------------------------------------------------------------
     def pump(self, now: float) -> None:
-        """Advance the playout clock to ``now`` and send what the lead allows."""
-        if self.done:
+        """Advance the playout clock to ``now`` and send what the lead allows.
+        Does nothing until the pacer has taken the playback (audio_start first)."""
+        if self.done or self.pacer is None:
             return
         if self._last is not None and self.started:
             self.played = min(float(self.sent), self.played + (now - self._last) * BYTES_PER_SECOND)
@@ -108,6 +109,7 @@ class Playback:
 
     def resume(self, now: float) -> None:
         self.paused = False
+        self._last = now  # the pause is not playout time
         self.pump(now)
 
     def stop(self) -> None:

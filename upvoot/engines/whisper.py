@@ -34,7 +34,6 @@ from upvoot._env import set_offline_environment
 set_offline_environment()  # before faster_whisper pulls in onnxruntime
 
 import attrs  # noqa: E402
-from twisted.logger import Logger  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from upvoot.audio import to_float32  # noqa: E402
@@ -79,8 +78,6 @@ def bundled_model_path() -> str:
 @implementer(ISpeechToText)
 class WhisperSpeechToText:
     """Transcribes 16 kHz s16le PCM on the worker pool."""
-
-    _log = Logger()
 
     def __init__(self, model: Any, settings: WhisperSettings, context: EngineContext) -> None:
         self.model = model

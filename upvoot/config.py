@@ -31,7 +31,8 @@ class ConfigError(Exception):
             where += f": [{section}]"
         if option:
             where += f" {option}"
-        super().__init__(f"{where}: {message}")
+        # one line even when the message quotes a library error or a value
+        super().__init__(f"{where}: {' '.join(message.split())}")
 
 
 # ---- value parsers -------------------------------------------------------------
@@ -256,9 +257,14 @@ def _parse_agent(path: str, section: str, name: str, items: Mapping[str, str], b
         except EngineOptionError as e:
             raise ConfigError(path, section, f"{kind}.{e.option}" if e.option else kind, e.message) from None
         specs[kind] = EngineSpec(kind, engine_name, settings)
-    if values["wrap_up_before"] and values["wrap_up_before"] >= values["max_duration"]:
+    # an empty line disables its timer (as in upvoot.call), so only check the timing of lines said
+    if values["wrap_up_warning"] and values["wrap_up_before"] and values["wrap_up_before"] >= values["max_duration"]:
         raise ConfigError(path, section, "wrap_up_before", "must be shorter than max_duration")
-    if values["silence_prompt_after"] and values["silence_prompt_after"] >= values["silence_timeout"]:
+    if (
+        values["silence_prompt"]
+        and values["silence_prompt_after"]
+        and values["silence_prompt_after"] >= values["silence_timeout"]
+    ):
         raise ConfigError(path, section, "silence_prompt_after", "must be shorter than silence_timeout")
     if values["min_utterance"] >= values["max_utterance"]:
         raise ConfigError(path, section, "min_utterance", "must be shorter than max_utterance")
@@ -277,6 +283,8 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, None, None, "no such file") from None
     except PermissionError:
         raise ConfigError(path, None, None, "permission denied") from None
+    except OSError as e:  # a directory, an I/O error: still one line, no traceback
+        raise ConfigError(path, None, None, e.strerror or str(e)) from None
     except (configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(path, None, None, " ".join(str(e).split())) from None
     if "upvoot" not in parser:

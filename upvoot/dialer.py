@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import wave
 from typing import Any, Callable, Protocol, TextIO
@@ -664,7 +665,6 @@ def _seconds(text: str) -> float:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Call an UpVoot endpoint like a telephony provider would."
     parser.add_argument("url", metavar="URL", help="ws://HOST:PORT/voice/KEY or wss://...")
     parser.add_argument("--play", metavar="FILE.wav", help="caller audio to stream (16-bit WAV, any rate and channels)")
     parser.add_argument("--play-after-greeting", action="store_true", help="start --play after the first audio_end")
@@ -731,8 +731,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = err or sys.stderr
     try:
         options = options_from_args(args)
-        if args.record:
-            open(args.record, "wb").close()  # fail now, not after the call
+        if args.record:  # fail now, not after the call
+            directory = os.path.dirname(os.path.abspath(args.record))
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                raise ValueError(f"cannot write {args.record}: no writable directory {directory}")
     except (OSError, ValueError) as e:
         err.write(f"error: {_reason(e) if isinstance(e, OSError) else e}\n")
         return EXIT_USAGE
@@ -774,7 +776,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upvoot dial")
+    parser = argparse.ArgumentParser(prog="upvoot dial", description="Call an UpVoot server as a telephony provider would.")
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

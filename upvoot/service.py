@@ -65,6 +65,7 @@ class UpVootService(service.MultiService):
     retry_after = 5
     stall_timeout = 10.0
     heartbeat_interval = 15.0
+    shutdown_timeout = 15.0  # closing lines are a few seconds long
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
@@ -136,10 +137,20 @@ class UpVootService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        """Stop taking calls, let every running call say its closing line
+        and end, write every record, then close the database. The reactor
+        keeps running while this Deferred is pending."""
+        self.draining = True
         yield super().stopService()  # listeners first: no new calls
         for proto in list(self.calls):
             if proto.machine is not None:
                 proto.machine.shutdown()
+        yield self._wait_for_calls(self.shutdown_timeout)
+        for proto in list(self.calls):  # still there: cut them off
+            self._log.warn("Call {call_id} did not end in time; disconnecting", event="call.forced_end",
+                           call_id=proto.core.call_id)
+            proto.machine.hangup()
+            proto.dropConnection(abort=True)
         if self._settling:
             yield defer.DeferredList(list(self._settling))
         self.lag.stop()
@@ -147,6 +158,19 @@ class UpVootService(service.MultiService):
             self._heartbeat.stop()
         self.pool.stop()
         self.store.close()
+
+    def _wait_for_calls(self, timeout: float) -> defer.Deferred:
+        d = defer.Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            if not self.calls or self.clock.seconds() >= deadline:
+                loop.stop()
+
+        loop = LoopingCall(check)
+        loop.clock = self.clock
+        loop.start(0.05).addBoth(lambda _: d.callback(None))
+        return d
 
     # ------------------------------------------------------------ admission
     def admission_refusal(self) -> str | None:

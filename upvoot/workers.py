@@ -12,8 +12,9 @@ Rules:
   ``queue_limit`` jobs, first in first out; past that it fails at once with
   ``EngineBusy``.
 - *interim* work (re-decoding a growing utterance) never queues: it runs only
-  if a thread is idle *and* no final work is waiting, so interims never delay
-  a final.
+  if no final work is waiting and, with two or more threads, at least one
+  other thread stays idle for finals. So interims never delay a final, and
+  they use at most ``size - 1`` threads of the machine at once.
 - Cancelling the Deferred of queued work removes it; cancelling running work
   discards its result (the thread finishes the call it is in).
 
@@ -72,10 +73,14 @@ class WorkerPool:
         """Run ``fn(*args)`` on a worker thread; see the module docstring."""
         job = _Job(fn, args)
         job.deferred = defer.Deferred(lambda d: self._cancel(job))
+        if interim:
+            reserve = 1 if self.size > 1 else 0
+            if self.active + reserve < self.size and not self._queue:
+                self._start(job)
+                return job.deferred
+            return defer.fail(EngineBusy("worker pool busy: interim skipped"))
         if self.active < self.size and not self._queue:
             self._start(job)
-        elif interim:
-            return defer.fail(EngineBusy("worker pool busy: interim skipped"))
         elif len(self._queue) < self.queue_limit:
             self._queue.append(job)
         else:

@@ -4,17 +4,19 @@ Internal audio is 16 kHz mono s16le (``upvoot.audio``). Providers speak
 other codecs and rates; each codec owns one :class:`Decoder` (provider ->
 internal) and one :class:`Outbound` (internal -> provider chunks). Both keep
 their resampler state (``upvoot.audio.StreamResampler``, soxr) across
-frames, so chunked conversion equals one-shot conversion: no clicks at frame
-edges.
+frames, so chunked conversion matches one-shot conversion (same length,
+samples within soxr's ±2 LSB of rounding): no clicks at frame edges.
 
 Codec names used here: ``"s16le"`` (linear PCM little-endian, e.g. Exotel,
 Vonage), ``"s16be"`` (linear PCM big-endian, RFC 3551 L16), ``"mulaw"`` and
 ``"alaw"`` (G.711, :mod:`upvoot.framing.g711`).
 
-Latency note: soxr's streaming resampler emits in blocks (about 100 ms for
-the 2:1 ratios 8 <-> 16 kHz at quality HQ), so a 20 ms frame in does not
-give 20 ms out. Outbound this is absorbed by the chunker and ``flush()`` at
-the end of each utterance; inbound it adds up to one block of delay.
+Latency note: soxr's streaming resampler emits in blocks, not per frame.
+Measured with 20 ms frames at quality HQ: 8 <-> 16 kHz gives nothing for
+the first five frames, then about 100 ms at a time; 16 <-> 24 kHz about
+20-40 ms at a time. Outbound this is absorbed by the chunker and by
+``flush()`` at the end of each utterance; inbound (8 kHz providers) it
+delays caller audio by up to ~100 ms more than the frame size.
 
 The module also holds the little helpers every JSON provider codec needs
 (tolerant field access, base64, marks bookkeeping, the pre-start backlog);

@@ -25,6 +25,9 @@ matched case-insensitively, e.g. ``Event``, as Exotel-code does)
       (echoed when the audio sent before the mark has played; Exotel-WS)
   {"event": "stop", "stop": {"call_sid", "account_sid",
    "reason": "stopped" | "callended"}}                      -> CallStopped(reason)
+      (the stop shape and the outbound shapes below are taken from the
+      provider notes' reading of Exotel-WS; the stored copy we could read
+      here ends at the inbound ``mark``: not re-checked)
   {"event": "clear"}  inbound, undocumented but handled by Exotel-code:
                       accepted and ignored.
 
@@ -138,6 +141,7 @@ class ExotelFraming(ProviderFraming):
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> ExotelFraming:
+        """``sample-rate`` (or ``sample_rate``) from the stream URL's query."""
         raw = params.get("sample-rate", params.get("sample_rate"))
         return cls(sample_rate=None if raw in (None, "") else rate_param(params, RATES, DEFAULT_RATE))
 

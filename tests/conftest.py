@@ -1,0 +1,34 @@
+"""Checks every test gets: pytest-twisted fails neither a test that logs an
+unhandled error nor one that leaves a timer on the reactor."""
+
+import pytest
+
+from upvoot._env import set_offline_environment
+
+set_offline_environment()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors_or_leftover_timers():
+    """pytest-twisted fails neither on a logged unhandled error nor on a
+    timer left behind: check both."""
+    import gc
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    errors = []
+
+    def observer(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    before = set(reactor.getDelayedCalls())
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield
+        gc.collect()  # "Unhandled error in Deferred" is logged on collection
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert errors == []
+    assert [c for c in reactor.getDelayedCalls() if c not in before] == []

@@ -188,7 +188,9 @@ def _fail(message: str, status: int) -> int:
 
 def _dial(argv: list[str]) -> int:
     try:
-        from upvoot import dialer
+        import importlib
+
+        dialer = importlib.import_module("upvoot.dialer")
     except ImportError as e:
         return _fail(f"the dial command is not available: {e}", EXIT_FAILURE)
     parser = _Parser(

@@ -92,6 +92,9 @@ def test_full_turn_messages_in_order():
     assert h.out.transcripts()[-2:] == [("caller", "what are your opening hours"), ("agent", "We are open nine to five.")]
     assert h.core.turns == 1
     assert [t.role for t in h.core.history] == ["agent", "caller", "agent"]
+    (lat,) = h.core.latencies
+    assert lat["endpointing"] == pytest.approx(0.6, abs=0.03)
+    assert lat["voice_to_voice"] == pytest.approx(sum(lat[k] for k in ("endpointing", "transcription", "first_token", "first_audio")), abs=1e-3)
 
 
 def test_barge_in_pauses_within_two_frames_then_drops_the_rest():
@@ -116,7 +119,28 @@ def test_barge_in_pauses_within_two_frames_then_drops_the_rest():
     assert heard.startswith("One two three") and "twelve" not in heard
     assert h.core.history[-1].text == heard
     assert h.core.barge_ins == 1
-    assert len(tts.requests) < 3 or True  # synthesis is per sentence; cancellation checked below
+
+
+def test_barge_in_stops_synthesis_of_the_rest_of_the_reply():
+    sentences = ["Sentence number %s is here." % n for n in ("one", "two", "three", "four", "five", "six")]
+    cfg = agent_config(rules={"rule.long": "hours -> " + " ".join(sentences)})
+    h = Harness(cfg, stt=QueueSTT(["hours please", "stop"]))
+    tts = h.agent.tts = ToneTTS(clock=h.clock, work=0.05)  # 5x faster than real time
+    h.start()
+    h.until("listening")
+    h.say(0.8)
+    h.until("speaking", limit=3.0)
+    h.wait(0.3)
+    h.say(0.5)  # barge in during the first sentence
+    assert h.state == "hearing"
+    asked = list(tts.requests)
+    h.wait(3.0)  # the caller's new turn is answered, but the old reply is not resumed
+    later = tts.requests[len(asked):]
+    assert len(asked) < len(sentences)
+    assert not any(s in later for s in sentences), "no synthesis of the dropped reply after the barge-in"
+    assert h.clock.getDelayedCalls() != []  # the call goes on (silence timers), but:
+    h.machine.hangup()
+    assert h.clock.getDelayedCalls() == []
 
 
 def test_noise_blip_resumes_the_reply():

@@ -105,6 +105,7 @@ class Reply:
         self.ready = False
         self.committed = False  # the caller's turn was transcribed and sent
         self.caller_pcm = b""
+        self.times: dict[str, float] = {}
         self.audio_started = False
         self.abandoned = False
 
@@ -218,6 +219,8 @@ class CallCore:
         self.silence_prompted = False
         self.wrap_up_pending = False
         self._timers: list = []
+        self._turn_times: dict[str, float] = {}
+        self.latencies: list[dict] = []
         self._pending = bytearray()
         self._finished = False
 
@@ -244,6 +247,9 @@ class CallCore:
                     else:
                         self.machine.speech_discarded()
                 elif isinstance(event, Ended):
+                    now = self.clock.seconds()
+                    self._turn_times = {"speech_end": now - (0 if event.forced else self.agent.config.end_of_turn),
+                                        "endpointed": now}
                     self.machine.utterance_ended(event.pcm)
 
     # ------------------------------------------------------------- timers
@@ -309,7 +315,31 @@ class CallCore:
 
     def start_reply_audio(self) -> None:
         assert self.reply is not None
-        self._start_audio(self.reply)
+        reply = self.reply
+        self._start_audio(reply)
+        self._record_latency(reply)
+
+    def _record_latency(self, reply: Reply) -> None:
+        """Voice-to-voice latency of a turn, split by stage (seconds)."""
+        t = reply.times
+        if not {"speech_end", "endpointed", "transcribed"} <= t.keys():
+            return
+        now = self.clock.seconds()
+        first_token = t.get("first_token", t["transcribed"])
+        stages = {
+            "endpointing": t["endpointed"] - t["speech_end"],
+            "transcription": t["transcribed"] - t["endpointed"],
+            "first_token": first_token - t["transcribed"],
+            "first_audio": now - first_token,
+            "voice_to_voice": now - t["speech_end"],
+        }
+        stages = {k: round(max(0.0, v), 4) for k, v in stages.items()}
+        self.latencies.append(stages)
+        self._log.info(
+            "Turn latency {voice_to_voice:.3f}s (endpointing {endpointing:.3f}, transcription {transcription:.3f}, "
+            "first token {first_token:.3f}, first audio {first_audio:.3f})",
+            event="call.turn_latency", call_id=self.call_id, **stages,
+        )
 
     def _played(self, reply: Reply) -> None:
         """A playback finished playing at the caller's end."""
@@ -358,6 +388,7 @@ class CallCore:
             # hear it as one turn
             pcm = self.reply.caller_pcm + pcm
         reply.caller_pcm = pcm
+        reply.times = dict(self._turn_times)
         self.reply = reply
         reply.producer = defer.Deferred.fromCoroutine(self._produce(reply, pcm))
         reply.producer.addErrback(self._producer_failed, reply)
@@ -383,12 +414,14 @@ class CallCore:
                 self.machine.nothing_heard()
             return
         reply.committed = True
+        reply.times["transcribed"] = self.clock.seconds()
         self._caller_said(text)
         self.output.turn_start()
         splitter = SentenceSplitter()
         try:
             async for item in self.agent.brain.reply(self.agent.config.system_prompt, list(self.history)):
                 if isinstance(item, ReplyText):
+                    reply.times.setdefault("first_token", self.clock.seconds())
                     for piece in splitter.feed(item.text):
                         await self._speak_sentence(reply, piece)
                 elif isinstance(item, ReplyEndCall):
@@ -550,6 +583,7 @@ class CallCore:
             "barge_ins": self.barge_ins,
             "barge_ins_resumed": self.barge_ins_resumed,
             "engine_failures": self.failures_total,
+            "latencies": list(self.latencies),
             "points_charged": increments * cfg.points_per_increment,
             "transcript": list(self.transcript),
         }

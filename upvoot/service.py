@@ -181,6 +181,8 @@ class UpVootService(service.MultiService):
             return "draining"
         if len(self.calls) + self.calls_reserved >= self.config.max_calls:
             return f"max_calls ({self.config.max_calls}) reached"
+        if self.pool.saturated():
+            return "worker pool saturated"
         if self.lag.average > self.config.lag_budget:
             return f"reactor lag {self.lag.average * 1000:.0f} ms over budget"
         return None
@@ -209,7 +211,8 @@ class UpVootService(service.MultiService):
             ended_at=summary["ended_at"], duration=summary["duration"], end_reason=summary["end_reason"],
             turns=summary["turns"], barge_ins=summary["barge_ins"], barge_ins_resumed=summary["barge_ins_resumed"],
             points_charged=summary["points_charged"], transcript=summary["transcript"],
-            metadata={**summary["metadata"], "engine_failures": summary["engine_failures"]},
+            metadata={**summary["metadata"], "engine_failures": summary["engine_failures"],
+                      "latencies": summary["latencies"]},
         )
         d = self.store.settle_call(record)
         self._settling.add(d)

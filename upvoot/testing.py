@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Sequence
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from upvoot.agents import Agent, PhraseCache
@@ -59,14 +60,18 @@ class ToneTTS:
     """'Speaks' each word as a quarter second of tone, so durations and cuts
     are exact. Records what it was asked and how many pieces it produced."""
 
-    def __init__(self, freq: float = 440.0) -> None:
+    def __init__(self, freq: float = 440.0, clock=None, work: float = 0.0) -> None:
         self.freq = freq
         self.requests: list[str] = []
         self.chunks = 0
+        self.clock = clock
+        self.work = work  # simulated synthesis time per word, on ``clock``
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         self.requests.append(text)
         for word in text.split():
+            if self.work and self.clock is not None:
+                await deferLater(self.clock, self.work, lambda: None)
             self.chunks += 1
             yield tone(self.freq, WORD_SECONDS)
 

@@ -254,7 +254,9 @@ def make_self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 def shipped_ini(**main_overrides: str) -> str:
-    """etc/upvoot.ini as shipped, with [upvoot] options replaced."""
+    """etc/upvoot.ini as shipped, with [upvoot] options replaced. The admin
+    listener gets a free port unless given, so daemons can run side by side."""
+    main_overrides.setdefault("admin_listen", f"tcp:{free_port()}:interface=127.0.0.1")
     text = (REPO / "etc" / "upvoot.ini").read_text()
     lines = []
     section = None

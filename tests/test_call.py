@@ -302,3 +302,38 @@ def test_points_by_rate_and_increment():
     h.wait(61.0)
     h.machine.hangup()
     assert h.ended[0]["points_charged"] == 6  # two started minutes at 3 points
+
+
+def test_dtmf_is_a_caller_turn_and_interrupts():
+    cfg = agent_config(rules={"rule.one": "dtmf 1 -> You pressed one.",
+                              "rule.long": "hours -> One two three four five six seven eight."})
+    h = Harness(cfg, stt=QueueSTT(["hours"]))
+    h.start()
+    h.until("listening")
+    h.core.caller_dtmf("1")
+    h.until("listening")
+    assert h.out.transcripts()[-2:] == [("caller", "DTMF 1"), ("agent", "You pressed one.")]
+    h.say(0.8)
+    h.until("speaking", limit=2.0)
+    h.wait(0.5)
+    h.core.caller_dtmf("1")  # interrupts the long reply
+    assert ("audio_end", True) in h.out.events
+    h.until("listening")
+    assert h.out.transcripts()[-1] == ("agent", "You pressed one.")
+
+
+def test_dtmf_waits_for_the_agent_when_configured_not_to_interrupt():
+    cfg = agent_config(dtmf_interrupts=False, rules={"rule.one": "dtmf 1 -> You pressed one.",
+                                                      "rule.long": "hours -> One two three four."})
+    h = Harness(cfg, stt=QueueSTT(["hours"]))
+    h.start()
+    h.until("listening")
+    h.say(0.8)
+    h.until("speaking", limit=2.0)
+    h.core.caller_dtmf("1")
+    assert ("audio_end", True) not in h.out.events
+    h.until("listening")
+    h.wait(0.1)
+    h.until("listening")
+    assert ("agent", "One two three four.") in h.out.transcripts()
+    assert h.out.transcripts()[-1] == ("agent", "You pressed one.")

@@ -79,6 +79,7 @@ class CallInputs(Protocol):
     def speech_confirmed(self) -> None: ...
     def speech_discarded(self) -> None: ...
     def utterance_ended(self, pcm: bytes) -> None: ...
+    def digit_pressed(self, text: str) -> None: ...
     def nothing_heard(self) -> None: ...
     def reply_ready(self) -> None: ...
     def playout_finished(self) -> None: ...
@@ -220,6 +221,7 @@ class CallCore:
         self.wrap_up_pending = False
         self._timers: list = []
         self._turn_times: dict[str, float] = {}
+        self._queued_digits: list[str] = []
         self.latencies: list[dict] = []
         self._pending = bytearray()
         self._finished = False
@@ -251,6 +253,18 @@ class CallCore:
                     self._turn_times = {"speech_end": now - (0 if event.forced else self.agent.config.end_of_turn),
                                         "endpointed": now}
                     self.machine.utterance_ended(event.pcm)
+
+    def caller_dtmf(self, digit: str) -> None:
+        """A keypad digit is caller input: it becomes a caller turn (and
+        interrupts the agent unless the agent's dtmf_interrupts is off)."""
+        if self._finished or self.closing is not None:
+            return
+        text = f"DTMF {digit}"
+        speaking = self.reply is not None and self.reply.audio_started and not self.reply.playback.done
+        if speaking and not self.agent.config.dtmf_interrupts:
+            self._queued_digits.append(text)
+            return
+        self.machine.digit_pressed(text)
 
     # ------------------------------------------------------------- timers
     def start_timers(self) -> None:
@@ -371,6 +385,10 @@ class CallCore:
         else:
             self.silence_since = self.clock.seconds()
             self.silence_prompted = False
+        if self._queued_digits:
+            text = " ".join(self._queued_digits)
+            self._queued_digits.clear()
+            self._timers.append(self.clock.callLater(0, self.machine.digit_pressed, text))
         if self.wrap_up_pending and reply is not None and reply.kind != "warning":
             self.wrap_up_pending = False
             self._timers.append(self.clock.callLater(0, self._wrap_up_now))
@@ -379,6 +397,18 @@ class CallCore:
         self.machine.wrap_up_due()
 
     # -------------------------------------------------------------- turns
+    def start_text_turn(self, text: str) -> None:
+        """A turn whose caller text is already known (a DTMF digit)."""
+        if self.reply is not None:
+            self.reply.cancel()
+        box: list = [None]
+        reply = Reply("reply", self._new_playback(box))
+        box[0] = reply
+        reply.times = {}
+        self.reply = reply
+        reply.producer = defer.Deferred.fromCoroutine(self._produce(reply, b"", text))
+        reply.producer.addErrback(self._producer_failed, reply)
+
     def start_turn(self, pcm: bytes) -> None:
         box: list = [None]
         reply = Reply("reply", self._new_playback(box))
@@ -399,10 +429,13 @@ class CallCore:
             self.reply.abandoned = True
             self.reply.cancel()
 
-    async def _produce(self, reply: Reply, pcm: bytes) -> None:
+    async def _produce(self, reply: Reply, pcm: bytes, known_text: str | None = None) -> None:
         started = self.clock.seconds()
         try:
-            text = (await self.agent.stt.transcribe(pcm, True) or "").strip()
+            if known_text is not None:
+                text = known_text
+            else:
+                text = (await self.agent.stt.transcribe(pcm, True) or "").strip()
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -646,6 +679,35 @@ def _hear_end(proto: CallInputs, core: CallCore, data: Hearing, pcm: bytes) -> N
     core.start_turn(pcm)
 
 
+# --- keypad digits: a caller turn whose text is known
+@on(listening, CallInputs.digit_pressed, thinking)
+def _digit_listen(proto: CallInputs, core: CallCore, data: Listening, text: str) -> None:
+    data.cancel()
+    core.start_text_turn(text)
+
+
+@on(hearing, CallInputs.digit_pressed, thinking)
+def _digit_hear(proto: CallInputs, core: CallCore, data: Hearing, text: str) -> None:
+    data.cancel()
+    core.endpointer.reset()
+    core.start_text_turn(text)
+
+
+@on(thinking, CallInputs.digit_pressed, thinking)
+def _digit_think(proto: CallInputs, core: CallCore, text: str) -> None:
+    core.start_text_turn(text)
+
+
+for _state in (speaking, paused):
+
+    def _digit_interrupts(proto: CallInputs, core: CallCore, text: str) -> None:
+        core.barge_in()
+        core.start_text_turn(text)
+
+    _digit_interrupts.__name__ = f"digit_from_{_state.name}"
+    on(_state, CallInputs.digit_pressed, thinking)(_digit_interrupts)
+
+
 # --- thinking
 @on(thinking, CallInputs.reply_ready, speaking)
 def _think_speak(proto: CallInputs, core: CallCore) -> None:
@@ -771,7 +833,7 @@ for _state in (hearing, thinking, speaking, paused):
 
 # every other (state, input) pair is a fact that does not matter there
 for _state in (new, listening, hearing, thinking, speaking, paused, ending, ended):
-    for _name in ("start", "speech_started", "speech_confirmed", "speech_discarded", "utterance_ended",
+    for _name in ("start", "speech_started", "speech_confirmed", "speech_discarded", "utterance_ended", "digit_pressed",
                   "nothing_heard", "reply_ready", "playout_finished", "agent_finished", "turns_exhausted",
                   "turn_failed", "silence_prompt_due", "silence_timeout", "wrap_up_due", "time_up",
                   "end_requested", "shutdown", "hangup"):

@@ -83,6 +83,16 @@ def _duration(lo: float, hi: float | None = None, zero_ok: bool = False) -> Call
     return parse
 
 
+_PROVIDERS = ("auto", "raw", "exotel", "twilio", "plivo", "telnyx", "vonage")
+
+
+def _provider(text: str) -> str:
+    value = text.strip().lower()
+    if value not in _PROVIDERS:
+        raise ValueError(f"expected one of {', '.join(_PROVIDERS)}, got {text.strip()!r}")
+    return value
+
+
 def _text(text: str) -> str:
     # ini continuation lines keep their newlines; speech wants one line
     return " ".join(text.split())
@@ -128,6 +138,8 @@ class AgentConfig:
     max_utterance: float
     barge_in_min: float
     interim_interval: float
+    provider: str
+    dtmf_interrupts: bool
     points_per_increment: int
     billing_increment: float
     engines: Mapping[str, EngineSpec]
@@ -157,6 +169,7 @@ class Config:
     path: str
     state_dir: str
     listen: tuple[str, ...]
+    admin_listen: str  # health and metrics (upvoot.web); "" = none
     database: str
     max_calls: int
     lag_budget: float
@@ -164,6 +177,7 @@ class Config:
     workers: int
     worker_queue: int
     log_transcripts: bool
+    detect_timeout: float
     websocket: WebSocketLimits
     agents: Mapping[str, AgentConfig]
 
@@ -172,6 +186,7 @@ class Config:
 
 _MAIN: dict[str, tuple[Callable[[str], object], str]] = {
     "listen": (_lines, "tcp:8080:interface=127.0.0.1"),
+    "admin_listen": (str.strip, "tcp:8081:interface=127.0.0.1"),  # /healthz, /metrics; "" = no admin listener
     "state_dir": (str.strip, "."),
     "database": (str.strip, "upvoot.sqlite3"),
     "max_calls": (_int(1), "50"),
@@ -187,6 +202,7 @@ _MAIN: dict[str, tuple[Callable[[str], object], str]] = {
     "auto_ping_interval": (_duration(1.0, 3600.0, zero_ok=True), "0"),
     "auto_ping_timeout": (_duration(1.0, 3600.0), "10s"),
     "max_connections": (_int(0), "0"),
+    "detect_timeout": (_duration(0.0, 10.0, zero_ok=True), "150ms"),
 }
 
 _AGENT: dict[str, tuple[Callable[[str], object], str]] = {
@@ -211,6 +227,8 @@ _AGENT: dict[str, tuple[Callable[[str], object], str]] = {
     "max_utterance": (_duration(1.0, 120.0), "20s"),
     "barge_in_min": (_duration(0.02, 5.0), "300ms"),
     "interim_interval": (_duration(0.1, 10.0, zero_ok=True), "400ms"),
+    "provider": (_provider, "auto"),
+    "dtmf_interrupts": (parse_bool, "yes"),
     "points_per_increment": (_int(0), "1"),
     "billing_increment": (_duration(1.0, 3600.0), "1m"),
 }

@@ -49,8 +49,16 @@ class Playback:
     ``on_played`` fires once everything sent has played at the caller's end.
     """
 
+    MARK_EVERY = 6400  # bytes (200 ms) between playout marks
+    MARK_GRACE = 1.5  # seconds past the estimate before a missing mark is given up on
+
     def __init__(self, sink: AudioSink, lead: float, on_played: Callable[[], None]) -> None:
         self._sink = sink
+        # providers that acknowledge playback: their marks are the clock
+        self.marks = bool(getattr(sink, "marks_playout", False))
+        self.acked = 0
+        self._last_mark = 0
+        self._estimate_done_at: float | None = None
         self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
         self._on_played = on_played
         self._buffer = bytearray()
@@ -99,10 +107,36 @@ class Playback:
                 self.sent += len(frame)
                 self.started = True
                 self._sink.audio(frame)
-        if self.finished and not self._buffer and self.played >= self.sent and not self.paused:
+        if self.marks and self.sent > self._last_mark and (
+            self.sent - self._last_mark >= self.MARK_EVERY or (self.finished and not self._buffer)
+        ):
+            self._last_mark = self.sent
+            self._sink.mark(self, self.sent)
+        if self.finished and not self._buffer and not self.paused and self._played_all(now):
             self.done = True
             self._detach()
             self._on_played()
+
+    def _played_all(self, now: float) -> bool:
+        if self.played < self.sent:
+            return False
+        if not self.marks or self.acked >= self.sent:
+            return True
+        # the provider has not acknowledged everything yet: wait a little
+        if self._estimate_done_at is None:
+            self._estimate_done_at = now
+        return now - self._estimate_done_at >= self.MARK_GRACE
+
+    def acknowledge(self, position: int, now: float) -> None:
+        """The provider says audio up to byte ``position`` has played."""
+        self.acked = max(self.acked, position)
+        self.pump(now)
+
+    @property
+    def heard(self) -> int:
+        """Bytes the caller has heard: acknowledged ones where the provider
+        acknowledges, otherwise all sent (a raw client plays what it got)."""
+        return self.acked if self.marks else self.sent
 
     def pause(self) -> None:
         self.paused = True
@@ -127,7 +161,7 @@ class Playback:
         """The words the caller heard, cut at ``heard_bytes`` (default: all
         audio sent, which for a raw client will all be played). Within a
         sentence the cut is proportional to its duration, to the word."""
-        heard = self.sent if heard_bytes is None else heard_bytes
+        heard = self.heard if heard_bytes is None else heard_bytes
         words: list[str] = []
         for s in self._sentences:
             if not s.text:

@@ -27,6 +27,7 @@ from upvoot import store as storemod
 from upvoot.agents import AgentRegistry
 from upvoot.config import Config
 from upvoot.engines.interfaces import EngineContext
+from upvoot.metrics import Metrics
 from upvoot.playout import Pacer
 from upvoot.workers import WorkerPool
 
@@ -35,9 +36,10 @@ class LagMonitor:
     """How late the reactor runs a timer: the admission signal for
     "this process is saturated". Exponentially averaged, sampled every 50 ms."""
 
-    def __init__(self, clock: Any, interval: float = 0.05) -> None:
+    def __init__(self, clock: Any, interval: float = 0.05, on_lag: Any = None) -> None:
         self.clock = clock
         self.interval = interval
+        self._on_lag = on_lag  # called with each tick's lag (seconds): the metrics histogram
         self.average = 0.0
         self.worst = 0.0
         self._expected = 0.0
@@ -58,6 +60,8 @@ class LagMonitor:
         self._expected = now + self.interval
         self.average = 0.8 * self.average + 0.2 * lag
         self.worst = max(self.worst, lag)
+        if self._on_lag is not None:
+            self._on_lag(lag)
 
 
 class UpVootService(service.MultiService):
@@ -74,8 +78,10 @@ class UpVootService(service.MultiService):
         self.clock = reactor
         self.store = storemod.Store(config.database, reactor)
         self.pool = WorkerPool(reactor, size=config.workers, queue_limit=config.worker_queue)
-        self.pacer = Pacer(reactor)
-        self.lag = LagMonitor(reactor)
+        self.metrics = Metrics(calls_active=lambda: len(self.calls), worker_queue=lambda: self.pool.queued)
+        self.admin: Any = None  # the admin listener (add_admin_listener)
+        self.pacer = Pacer(reactor, on_lag=self.metrics.pacing_lateness.observe)
+        self.lag = LagMonitor(reactor, on_lag=self.metrics.reactor_lag.observe)
         self.agents: AgentRegistry | None = None
         self.ready = False
         self.draining = False
@@ -91,6 +97,16 @@ class UpVootService(service.MultiService):
     def add_listeners(self, endpoints: list[str], factory: Any) -> None:
         for description in endpoints:
             strports.service(description, factory).setServiceParent(self)
+
+    def add_admin_listener(self, description: str, factory: Any) -> None:
+        """The admin listener (``upvoot.web``) is not a child: it listens
+        first and closes last, so /healthz answers 503 while calls drain."""
+        self.admin = strports.service(description, factory)
+
+    def privilegedStartService(self) -> None:
+        if self.admin is not None:
+            self.admin.privilegedStartService()
+        super().privilegedStartService()
 
     def startService(self) -> None:
         self.store.start()
@@ -120,6 +136,8 @@ class UpVootService(service.MultiService):
                 self.reactor.stop()
 
         d.addCallbacks(ready, failed)
+        if self.admin is not None:
+            self.admin.startService()
         super().startService()
 
     def _charge_for(self, record: storemod.CallRecord) -> int:
@@ -158,6 +176,8 @@ class UpVootService(service.MultiService):
             self._heartbeat.stop()
         self.pool.stop()
         self.store.close()
+        if self.admin is not None and self.admin.running:
+            yield self.admin.stopService()
 
     def _wait_for_calls(self, timeout: float) -> defer.Deferred:
         d = defer.Deferred()
@@ -189,11 +209,13 @@ class UpVootService(service.MultiService):
 
     def note_refusal(self, status: int) -> None:
         self.refusals[status] = self.refusals.get(status, 0) + 1
+        self.metrics.refused(status)
 
     # ---------------------------------------------------------------- calls
     def call_opened(self, proto: Any) -> None:
         self.calls.add(proto)
         self.calls_total += 1
+        self.metrics.call_started(proto.framing.name)
         start = storemod.CallStart(
             call_id=proto.core.call_id, key_prefix=proto.key_info.prefix, account=proto.key_info.account,
             agent=proto.key_info.agent, provider=proto.framing.name, started_at=proto.core.started_wall,
@@ -205,6 +227,7 @@ class UpVootService(service.MultiService):
 
     def call_ended(self, proto: Any, summary: dict) -> None:
         self.calls.discard(proto)
+        self.metrics.call_ended(summary)
         record = storemod.CallRecord(
             call_id=summary["call_id"], key_prefix=summary["key_prefix"], account=summary["account"],
             agent=summary["agent"], provider=summary["provider"], started_at=summary["started_at"],
@@ -219,6 +242,7 @@ class UpVootService(service.MultiService):
 
         def done(charged):
             self._settling.discard(d)
+            self.metrics.points(charged)
             self._log.info("Call {call_id} settled: {charged} points", event="call.settled",
                            call_id=record.call_id, charged=charged)
 

@@ -48,6 +48,12 @@ class Options(usage.Options):
             except Exception as e:  # bad endpoint syntax or plugin name
                 where = "--listen" if self["listen"] else f"{self.config.path}: [upvoot] listen"
                 raise usage.UsageError(f"{where}: bad endpoint {description!r}: {e}") from None
+        if self.config.admin_listen:
+            try:
+                strports.service(self.config.admin_listen, None)
+            except Exception as e:
+                raise usage.UsageError(f"{self.config.path}: [upvoot] admin_listen: bad endpoint "
+                                       f"{self.config.admin_listen!r}: {e}") from None
 
 
 def makeService(options: Options):
@@ -57,5 +63,13 @@ def makeService(options: Options):
     from upvoot.ws import VoiceFactory
 
     service = UpVootService(options.config, reactor)
-    service.add_listeners(options.endpoints, VoiceFactory(service))
+    factory = VoiceFactory(service)
+    service.add_listeners(options.endpoints, factory)
+    if options.config.admin_listen:
+        from upvoot.web import admin_site
+
+        public = len(options.endpoints)
+        # Factory.numPorts counts the ports listening with this factory
+        service.add_admin_listener(options.config.admin_listen,
+                                   admin_site(service, listening=lambda: factory.numPorts >= public))
     return service

@@ -21,8 +21,11 @@ been backed up (producer paused) for ``stall_timeout`` seconds.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
+
+import attrs
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -33,7 +36,8 @@ from zope.interface import implementer
 
 from upvoot.call import new_call
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
-from upvoot.framing.raw import RawFraming
+from upvoot.framing.detect import PROVIDERS, detect, make_framing
+from upvoot.metrics import Metrics
 
 _REASONS = {
     401: "Unauthorized",
@@ -66,11 +70,20 @@ class _StallWatch:
 
 
 class _Output:
-    """ICallOutput for the call machine: events -> framing -> WebSocket."""
+    """ICallOutput for the call machine: events -> framing -> WebSocket.
+
+    With a provider that acknowledges playback (marks), every playback gets
+    a mark about every 200 ms of audio and at its end; the returning marks
+    move the playback's clock of what the caller has heard."""
+
+    MAX_PENDING_MARKS = 256
 
     def __init__(self, proto: "VoiceProtocol") -> None:
         self.proto = proto
         self.framing = proto.framing
+        self.marks_playout = bool(getattr(proto.framing, "acknowledges_playout", False))
+        self._marks: dict[str, tuple[Any, int]] = {}
+        self._n = 0
 
     def _send(self, frames) -> None:
         self.proto.send_frames(frames)
@@ -84,6 +97,23 @@ class _Output:
 
     def audio_end(self, interrupted: bool) -> None:
         self._send(self.framing.audio_end(interrupted))
+
+    def mark(self, playback: Any, position: int) -> None:
+        self._n += 1
+        name = f"upvoot-{self._n}"
+        if len(self._marks) >= self.MAX_PENDING_MARKS:  # marks may never come back after a clear
+            for old in [k for k, (p, _) in self._marks.items() if p.done]:
+                del self._marks[old]
+            while len(self._marks) >= self.MAX_PENDING_MARKS:
+                del self._marks[next(iter(self._marks))]
+        self._marks[name] = (playback, position)
+        self._send(self.framing.mark(name))
+
+    def acknowledged(self, name: str, cleared: bool) -> None:
+        entry = self._marks.pop(name, None)
+        if entry is not None and not cleared:
+            playback, position = entry
+            playback.acknowledge(position, self.proto.service.clock.seconds())
 
     def transcript(self, role: str, text: str) -> None:
         self._send(self.framing.transcript(role, text))
@@ -108,6 +138,8 @@ class VoiceProtocol(WebSocketServerProtocol):
     machine: Any = None
     core: Any = None
     framing: Any = None
+    _reserved = False
+    metadata: dict = {}
     _closing = False
     _watch: _StallWatch | None = None
 
@@ -141,6 +173,7 @@ class VoiceProtocol(WebSocketServerProtocol):
                 raise ConnectionDeny(503, _REASONS[503])
         if info is None or info.revoked:
             service.note_refusal(401)
+            self.factory.metrics.auth_failures.inc()
             self._log.info("Upgrade refused: {why} key from {peer}", event="auth.denied",
                            why="revoked" if info is not None else "missing or unknown", peer=self.peer)
             raise ConnectionDeny(401, _REASONS[401])
@@ -155,7 +188,18 @@ class VoiceProtocol(WebSocketServerProtocol):
                             event="auth.unknown_agent", prefix=info.prefix, agent=info.agent)
             raise ConnectionDeny(503, _REASONS[503])
         self.key_info = info
-        self.framing = RawFraming()
+        self._params = {k: v[-1] for k, v in request.params.items() if v}
+        self._choice = self._params.get("provider") or service.agents.agents[info.agent].config.provider
+        if self._choice not in PROVIDERS and self._choice != "auto":
+            self._log.info("Upgrade refused: unknown provider {provider!r}", event="handshake.bad_provider",
+                           provider=self._choice[:40])
+            raise ConnectionDeny(400, "Unknown provider")
+        if self.state == self.STATE_CLOSED:
+            # The client left (or the handshake timed out) during the key lookup. Autobahn
+            # would still run onOpen on the dead connection: a ghost call, billed, holding a slot.
+            self._log.info("Client left during the handshake (key {prefix})", event="handshake.abandoned",
+                           prefix=info.prefix)
+            raise ConnectionDeny(408, "Request Timeout")
         service.calls_reserved += 1  # counted from now, so concurrent upgrades see it
         self._reserved = True
         return None
@@ -177,57 +221,146 @@ class VoiceProtocol(WebSocketServerProtocol):
 
     def _open(self) -> None:
         service = self.service
-        service.calls_reserved -= 1
-        self._reserved = False
-        agent = service.agents.agents[self.key_info.agent]
         self.frames_in = 0
         self.frames_out = 0
+        self._early: list[tuple[bytes, bool]] = []
+        self._detect_timer = None
         self._watch = _StallWatch(self)
         if self.transport is not None:
             self.transport.registerProducer(self._watch, True)
+        if self._choice == "auto":
+            # Wait (briefly) for the first frame to say who is talking; a raw
+            # client that says nothing gets its greeting after detect_timeout.
+            self._detect_timer = service.clock.callLater(service.config.detect_timeout, self._choose, "raw", "timeout")
+        else:
+            self._choose(self._choice, "configured")
+
+    def _choose(self, name: str, why: str) -> None:
+        """Fix the framing, then replay the frames that arrived before."""
+        if self._detect_timer is not None and self._detect_timer.active():
+            self._detect_timer.cancel()
+        self._detect_timer = None
+        try:
+            self.framing = make_framing(name, self._params)
+        except ValueError as e:
+            self._log.warn("Bad framing parameters: {error}", event="call.bad_framing", error=str(e))
+            self.sendClose(1008, "bad provider parameters")
+            return
+        self._log.debug("Framing {name} ({why})", event="call.framing", name=name, why=why)
+        if name == "raw":
+            self._begin_call(CallStarted(provider="raw"))
+        early, self._early = self._early, []
+        for payload, is_binary in early:
+            self._receive(payload, is_binary)
+
+    def _begin_call(self, started: CallStarted) -> None:
+        service = self.service
+        if self._reserved:
+            service.calls_reserved -= 1
+            self._reserved = False
+        agent = service.agents.agents[self.key_info.agent]
+        self.started = started
+        self.metadata = {"peer": self.peer, **{k: v for k, v in attrs.asdict(started).items() if v not in (None, {}, "")}}
         self.machine, self.core = new_call(
             agent, _Output(self), service.clock, service.pacer, self._ended,
             lead=service.config.playout_lead, log_transcripts=service.config.log_transcripts,
         )
-        self.started = CallStarted(provider=self.framing.name)
         service.call_opened(self)
-        self._log.info("Call started: key {prefix}, account {account}, agent {agent}, from {peer}",
+        self._log.info("Call started: key {prefix}, account {account}, agent {agent}, provider {provider}, from {peer}",
                        event="call.started", call_id=self.core.call_id, prefix=self.key_info.prefix,
-                       account=self.key_info.account, agent=agent.config.name, peer=self.peer)
+                       account=self.key_info.account, agent=agent.config.name, provider=self.framing.name,
+                       peer=self.peer)
         self.machine.start()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.machine is None:
-            return
         self.frames_in += 1
+        self.factory.metrics.frames_in.inc()
+        if self.framing is None:
+            self._detect(payload, isBinary)
+            return
+        self._receive(payload, isBinary)
+
+    def _detect(self, payload: bytes, is_binary: bool) -> None:
+        if len(self._early) >= 50:
+            self._log.warn("No provider start message after 50 frames; closing", event="call.no_start")
+            self.sendClose(1002, "unrecognised protocol")
+            return
+        self._early.append((payload, is_binary))
+        name = "raw" if is_binary else detect(payload.decode("utf-8", "replace"))
+        if name is not None and name != "jambonz":
+            self._choose(name, "detected")
+            return
+        if not is_binary and self._detect_timer is not None:
+            try:
+                msg = json.loads(payload)
+            except ValueError:
+                msg = None
+            if isinstance(msg, dict) and any(k in msg for k in ("event", "Event")):
+                # a provider's first message ("connected"): wait for its start
+                self._detect_timer.cancel()
+                self._detect_timer = self.service.clock.callLater(10.0, self._no_start)
+            elif isinstance(msg, dict) and "type" in msg or msg is None:
+                self._choose("raw", "detected")
+
+    def _no_start(self) -> None:
+        self._detect_timer = None
+        self._log.warn("Provider sent no start message; closing", event="call.no_start")
+        self.sendClose(1002, "no start message")
+
+    def _receive(self, payload: bytes, is_binary: bool) -> None:
+        framing = self.framing
         try:
-            events = self.framing.receive_binary(payload) if isBinary else self.framing.receive_text(payload.decode("utf-8", "replace"))
+            if is_binary:
+                events = framing.receive_binary(payload)
+            else:
+                events = framing.receive_text(payload.decode("utf-8", "replace"))
         except Exception:
-            self._log.failure("Framing {name} raised on a frame", event="call.framing_error",
-                              call_id=self.core.call_id, name=self.framing.name)
+            self._log.failure("Framing {name} raised on a frame", event="call.framing_error", name=framing.name)
             return
         for event in events:
             self._dispatch(event)
+        drain = getattr(framing, "drain", None)
+        if drain is not None:
+            self.send_frames(drain())
 
     def _dispatch(self, event) -> None:
+        if isinstance(event, CallStarted):
+            if self.machine is None:
+                self._begin_call(event)
+            return
+        if self.machine is None:
+            if isinstance(event, ProtocolError):
+                self._log.info("Before the call started: {message}", event="call.early_frame", message=event.message)
+            return
+        call_id = self.core.call_id
         if isinstance(event, CallerAudio):
             self.core.caller_audio(event.pcm)
+        elif isinstance(event, PlayoutMark):
+            self._output.acknowledged(event.name, event.cleared)
+        elif isinstance(event, Dtmf):
+            self._log.info("DTMF {digit}", event="call.dtmf", call_id=call_id, digit=event.digit)
+            self.core.caller_dtmf(event.digit)
         elif isinstance(event, EndCallRequested):
-            self._log.info("Client asked to end the call", event="call.end_requested", call_id=self.core.call_id)
+            self._log.info("Client asked to end the call", event="call.end_requested", call_id=call_id)
             self.machine.end_requested()
+        elif isinstance(event, CallStopped):
+            self._log.info("Provider stopped the stream: {reason}", event="call.stopped", call_id=call_id,
+                           reason=event.reason)
+            self.machine.hangup()
         elif isinstance(event, ProtocolError):
             self._log.warn("Bad client message: {message}", event="call.bad_message",
-                           call_id=self.core.call_id, message=event.message)
+                           call_id=call_id, message=event.message)
             self.send_frames(self.framing.event("error", message=event.message))
-        elif isinstance(event, CallStopped):
-            self.machine.hangup()
-        elif isinstance(event, (CallStarted, Dtmf, PlayoutMark)):
-            pass  # provider framings (and DTMF/marks) come with the provider issue
+
+    @property
+    def _output(self) -> "_Output":
+        return self.core.output
 
     def send_frames(self, frames) -> None:
         if self._closing or self.state != self.STATE_OPEN:
             return
         for frame in frames:
+            self.factory.metrics.frames_out.inc()
             if frame.is_binary:
                 self.sendMessage(frame.payload, isBinary=True)
             else:
@@ -235,6 +368,10 @@ class VoiceProtocol(WebSocketServerProtocol):
 
     def close_normally(self) -> None:
         if not self._closing:
+            if self.framing is not None:
+                drain = getattr(self.framing, "drain", None)
+                if drain is not None:
+                    self.send_frames(drain())
             self._closing = True
             if self.state == self.STATE_OPEN:
                 self.sendClose(1000, "call ended")
@@ -249,6 +386,9 @@ class VoiceProtocol(WebSocketServerProtocol):
         if getattr(self, "_reserved", False):
             self.service.calls_reserved -= 1
             self._reserved = False
+        timer = getattr(self, "_detect_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
         if self._watch is not None:
             self._watch.resumeProducing()
         if self.machine is not None:
@@ -259,7 +399,7 @@ class VoiceProtocol(WebSocketServerProtocol):
             key_prefix=self.key_info.prefix,
             account=self.key_info.account,
             provider=self.framing.name,
-            metadata={"peer": self.peer},
+            metadata=self.metadata,
         )
         self._log.info("Call ended: {reason} after {duration}s, {turns} turns, {points} points",
                        event="call.ended", call_id=summary["call_id"], reason=summary["end_reason"],
@@ -273,6 +413,8 @@ class VoiceFactory(WebSocketServerFactory):
     def __init__(self, service: Any, url: str = "ws://localhost/") -> None:
         super().__init__(url, server="UpVoot")
         self.service = service
+        # the service's metrics (upvoot.metrics); a service without them (a unit-test fake) gets a private set
+        self.metrics = getattr(service, "metrics", None) or Metrics()
         ws = service.config.websocket
         self.setProtocolOptions(
             maxMessagePayloadSize=ws.max_message_size,

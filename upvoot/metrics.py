@@ -1,0 +1,109 @@
+"""The daemon's Prometheus metrics: one registry the service owns.
+
+Why not the global ``prometheus_client.REGISTRY``: a registry per service
+keeps tests independent (two services in one process do not share
+counters) and keeps the process collector's figures out unless asked for.
+``upvoot.web`` serves it with ``generate_latest(registry)``.
+
+Every name starts with ``upvoot_``. The service and the WebSocket adapter
+call the hooks below at the point where a thing happens; nothing here
+touches the reactor, so collecting is synchronous and cheap.
+
+| metric | type | labels |
+|---|---|---|
+| upvoot_calls_active | gauge | |
+| upvoot_calls_started_total | counter | provider |
+| upvoot_calls_total | counter (calls ended) | end_reason, provider |
+| upvoot_auth_failures_total | counter | |
+| upvoot_handshake_refusals_total | counter | status |
+| upvoot_frames_in_total, upvoot_frames_out_total | counter | |
+| upvoot_pacing_lateness_seconds | histogram | |
+| upvoot_reactor_lag_seconds | histogram | |
+| upvoot_stage_latency_seconds | histogram | stage |
+| upvoot_engine_errors_total | counter | engine |
+| upvoot_worker_queue_length | gauge | |
+| upvoot_points_charged_total | counter | |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
+
+# timer lateness: a healthy reactor is well under 5 ms; lag_budget defaults to 150 ms
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# a turn's stages: tens of milliseconds (endpointing) to seconds (voice to voice)
+_STAGE_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    """The metric objects, and one hook per thing that happens.
+
+    ``calls_active`` and ``worker_queue`` are read when the registry is
+    collected (a scrape), so they are never stale.
+    """
+
+    def __init__(
+        self,
+        calls_active: Callable[[], float] = lambda: 0,
+        worker_queue: Callable[[], float] = lambda: 0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.calls_active = Gauge("upvoot_calls_active", "Calls in progress.", registry=r)
+        self.calls_active.set_function(calls_active)
+        self.calls_started = Counter("upvoot_calls_started_total", "Calls started (WebSocket opened), by provider framing.",
+                                     ["provider"], registry=r)
+        self.calls = Counter("upvoot_calls_total", "Calls ended, by end reason and provider framing.",
+                             ["end_reason", "provider"], registry=r)
+        self.auth_failures = Counter("upvoot_auth_failures_total",
+                                     "Upgrades refused for a missing, unknown or revoked API key (HTTP 401).", registry=r)
+        self.handshake_refusals = Counter("upvoot_handshake_refusals_total",
+                                          "WebSocket upgrades refused, by HTTP status.", ["status"], registry=r)
+        self.frames_in = Counter("upvoot_frames_in_total", "WebSocket messages received from providers.", registry=r)
+        self.frames_out = Counter("upvoot_frames_out_total", "WebSocket messages sent to providers.", registry=r)
+        self.pacing_lateness = Histogram("upvoot_pacing_lateness_seconds",
+                                         "How late the shared 20 ms audio pacing tick ran.", buckets=_LAG_BUCKETS, registry=r)
+        self.reactor_lag = Histogram("upvoot_reactor_lag_seconds",
+                                     "How late the reactor ran the lag monitor's 50 ms timer.", buckets=_LAG_BUCKETS,
+                                     registry=r)
+        self.stage_latency = Histogram("upvoot_stage_latency_seconds",
+                                       "Per-turn latency by stage (voice_to_voice: end of caller speech to agent audio).",
+                                       ["stage"], buckets=_STAGE_BUCKETS, registry=r)
+        self.engine_errors = Counter("upvoot_engine_errors_total", "Engine failures that cost a turn, by engine.",
+                                     ["engine"], registry=r)
+        self.worker_queue = Gauge("upvoot_worker_queue_length", "Model jobs waiting for a worker thread.", registry=r)
+        self.worker_queue.set_function(worker_queue)
+        self.points_charged = Counter("upvoot_points_charged_total", "Points deducted from accounts for calls.",
+                                      registry=r)
+
+    # ---------------------------------------------------------------- hooks
+    def refused(self, status: int) -> None:
+        self.handshake_refusals.labels(status=str(status)).inc()
+
+    def call_started(self, provider: str) -> None:
+        self.calls_started.labels(provider=provider).inc()
+
+    def call_ended(self, summary: Mapping[str, Any]) -> None:
+        """Count a call from its summary (``upvoot.call.CallCore.summary``
+        plus the adapter's ``provider``)."""
+        self.calls.labels(end_reason=summary["end_reason"], provider=summary.get("provider", "unknown")).inc()
+        for turn in summary.get("latencies") or ():
+            for stage, seconds in turn.items():
+                if stage in STAGES and seconds is not None:
+                    self.stage_latency.labels(stage=stage).observe(seconds)
+        failures = summary.get("engine_failures") or 0
+        # the call machine reports a count today; a mapping {engine: n} is
+        # counted per engine should it report one
+        by_engine = failures if isinstance(failures, Mapping) else {"unknown": failures}
+        for engine, n in by_engine.items():
+            if n:
+                self.engine_errors.labels(engine=engine).inc(n)
+
+    def points(self, charged: int) -> None:
+        if charged > 0:
+            self.points_charged.inc(charged)

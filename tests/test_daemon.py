@@ -342,3 +342,37 @@ def test_wss_with_a_self_signed_certificate(tmp_path):
         assert d.call()["end_reason"] == "hangup"
     finally:
         assert d.stop() in (0, -signal.SIGTERM)
+
+
+def test_daemon_mode_detaches_writes_its_pidfile_and_serves(tmp_path):
+    """`twistd upvoot ...` without -n: daemonizes, then serves calls."""
+    import os
+    import subprocess
+
+    from tests.daemon import BIN, free_port
+
+    port = free_port()
+    ini = tmp_path / "upvoot.ini"
+    ini.write_text(shipped_ini(listen=f"tcp:{port}:interface=127.0.0.1"))
+    pidfile, logfile = tmp_path / "upvoot.pid", tmp_path / "upvoot.log"
+    started = subprocess.run([str(BIN / "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}",
+                              "upvoot", "--config", str(ini)], cwd=str(tmp_path), timeout=60)
+    assert started.returncode == 0  # the parent returns once the daemon has forked
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "UpVoot ready" not in (logfile.read_text() if logfile.exists() else ""):
+        time.sleep(0.2)
+    pid = int(pidfile.read_text())
+    try:
+        key = subprocess.run([str(BIN / "upvoot"), "--config", str(ini), "keys", "create", "--agent", "demo",
+                              "--account", "d"], capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run([str(BIN / "upvoot"), "--config", str(ini), "points", "add", "d", "5"], check=True,
+                       capture_output=True)
+        c = Caller(f"ws://127.0.0.1:{port}/voice/{key}")
+        c.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+        c.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and pidfile.exists():
+            time.sleep(0.2)
+    assert not pidfile.exists(), "twistd removes its pidfile on a clean stop"

@@ -53,6 +53,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "Daemon":
+        self._log_offset = len(self.log_text())  # a restart appends to the same log
         self.proc = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log}", "upvoot",
              "--config", str(self.ini), "--listen", self.listen],
@@ -62,7 +63,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stdout.read().decode()}\n{self.log_text()}")
-            if "upvoot.ready" in self.log_text() or "UpVoot ready" in self.log_text():
+            if "UpVoot ready" in self.log_text()[self._log_offset:]:
                 return self
             time.sleep(0.1)
         raise RuntimeError("daemon did not get ready:\n" + self.log_text())

@@ -178,6 +178,8 @@ class Config:
     worker_queue: int
     log_transcripts: bool
     detect_timeout: float
+    drain_time: float
+    heartbeat: float
     websocket: WebSocketLimits
     agents: Mapping[str, AgentConfig]
 
@@ -203,6 +205,8 @@ _MAIN: dict[str, tuple[Callable[[str], object], str]] = {
     "auto_ping_timeout": (_duration(1.0, 3600.0), "10s"),
     "max_connections": (_int(0), "0"),
     "detect_timeout": (_duration(0.0, 10.0, zero_ok=True), "150ms"),
+    "drain_time": (_duration(0.0, 3600.0, zero_ok=True), "30s"),
+    "heartbeat": (_duration(0.5, 3600.0), "15s"),
 }
 
 _AGENT: dict[str, tuple[Callable[[str], object], str]] = {

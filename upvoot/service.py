@@ -68,7 +68,6 @@ class UpVootService(service.MultiService):
     _log = Logger()
     retry_after = 5
     stall_timeout = 10.0
-    heartbeat_interval = 15.0
     shutdown_timeout = 15.0  # closing lines are a few seconds long
 
     def __init__(self, config: Config, reactor: Any) -> None:
@@ -112,16 +111,8 @@ class UpVootService(service.MultiService):
         self.store.start()
         self.pool.start()
         self.lag.start()
-        conn = storemod.connect(self.config.database)
-        try:
-            orphans = storemod.transact(conn, storemod.settle_orphans, time.time(), "crash", self._charge_for)
-        finally:
-            conn.close()
-        for record in orphans:
-            self._log.warn("Settled call {call_id} left active by a dead process: {duration:.0f}s, {points} points",
-                           event="store.orphan_settled", call_id=record.call_id, duration=record.duration,
-                           points=record.points_charged)
-        self._heartbeat.start(self.heartbeat_interval, now=False)
+        self.settle_orphans()
+        self._heartbeat.start(self.config.heartbeat, now=False)
         registry = AgentRegistry(self.config.agents, EngineContext(pool=self.pool, clock=self.reactor))
         d = registry.prepare(self.reactor)
 
@@ -140,6 +131,22 @@ class UpVootService(service.MultiService):
             self.admin.startService()
         super().startService()
 
+    def settle_orphans(self, now: float | None = None) -> list[storemod.CallRecord]:
+        """Settle the calls a dead process left active (end reason ``crash``,
+        charged to their last heartbeat). Synchronous: run at start, before
+        any call can be open."""
+        conn = storemod.connect(self.config.database)
+        try:
+            orphans = storemod.transact(conn, storemod.settle_orphans, time.time() if now is None else now,
+                                        "crash", self._charge_for)
+        finally:
+            conn.close()
+        for record in orphans:
+            self._log.warn("Settled call {call_id} left active by a dead process: {duration:.0f}s, {points} points",
+                           event="store.orphan_settled", call_id=record.call_id, duration=record.duration,
+                           points=record.points_charged)
+        return orphans
+
     def _charge_for(self, record: storemod.CallRecord) -> int:
         """Points for an orphaned call: the duration its last heartbeat proves."""
         cfg = self.config.agents.get(record.agent)
@@ -155,15 +162,25 @@ class UpVootService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        """Stop taking calls, let every running call say its closing line
-        and end, write every record, then close the database. The reactor
-        keeps running while this Deferred is pending."""
+        """Graceful drain (SIGTERM). The reactor keeps running while this
+        Deferred is pending, so:
+
+        1. new upgrades get 503 with Retry-After (the listeners stay up);
+        2. running calls may finish on their own for up to ``drain_time``;
+        3. the rest are ended with the agent's goodbye line (end reason
+           ``shutdown``), up to ``shutdown_timeout`` more;
+        4. every call record is written, then the database closes.
+        """
         self.draining = True
-        yield super().stopService()  # listeners first: no new calls
+        if self.calls:
+            self._log.info("Draining: {n} calls running; waiting up to {t}s", event="upvoot.draining",
+                           n=len(self.calls), t=self.config.drain_time)
+        yield self._wait_for_calls(self.config.drain_time)
         for proto in list(self.calls):
             if proto.machine is not None:
                 proto.machine.shutdown()
         yield self._wait_for_calls(self.shutdown_timeout)
+        yield super().stopService()  # now the listeners
         for proto in list(self.calls):  # still there: cut them off
             self._log.warn("Call {call_id} did not end in time; disconnecting", event="call.forced_end",
                            call_id=proto.core.call_id)
@@ -178,6 +195,10 @@ class UpVootService(service.MultiService):
         self.store.close()
         if self.admin is not None and self.admin.running:
             yield self.admin.stopService()
+        # A drain that wrote every record is a clean exit: twistd would
+        # otherwise re-raise SIGTERM and exit with its status.
+        if hasattr(self.reactor, "_exitSignal"):
+            self.reactor._exitSignal = None
 
     def _wait_for_calls(self, timeout: float) -> defer.Deferred:
         d = defer.Deferred()

@@ -1,0 +1,145 @@
+"""Restarts and crashes with a real daemon: graceful drain on SIGTERM, a
+kill -9 mid-call settled at the next start, and a daemon that talks to
+nobody but its clients (no telemetry)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.daemon import Caller, Daemon, shipped_ini
+
+pytestmark = pytest.mark.slow
+
+LONG_AGENT = """
+[agent:long]
+greeting = Let me tell you a long story. Once upon a time there was a small village by the sea.
+    Every morning the fishermen went out in their boats to catch fish for the market.
+    The children played on the beach until the sun went down behind the hills.
+silence_timeout = 60s
+"""
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path):
+    d = Daemon(tmp_path, shipped_ini(drain_time="2s") + LONG_AGENT).start()
+    key = d.key(agent="long", account="drain", points=10)
+    c = Caller(d.url(f"/voice/{key}"))
+    c.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # while draining, new calls are refused with 503 and a Retry-After
+    with pytest.raises(InvalidStatus) as e:
+        Caller(d.url(f"/voice/{key}"))
+    assert e.value.response.status_code == 503 and e.value.response.headers["Retry-After"]
+    assert not c.closed, "running calls are not cut off"
+    code = c.wait_closed(timeout=30)
+    assert code == 1000
+    assert c.messages("transcript")[-1] == {"type": "transcript", "role": "agent",
+                                             "text": "Thank you for calling. Goodbye!"}
+    assert d.proc.wait(30) == 0
+    records = [r for r in d.calls() if r["account"] == "drain"]
+    assert len(records) == 1 and records[0]["state"] == "settled" and records[0]["end_reason"] == "shutdown"
+
+
+def test_kill_9_mid_call_is_settled_once_at_the_next_start(tmp_path):
+    ini = shipped_ini(heartbeat="1s") + LONG_AGENT
+    d = Daemon(tmp_path, ini).start()
+    key = d.key(agent="long", account="crash", points=10)
+    c = Caller(d.url(f"/voice/{key}"))
+    c.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+    time.sleep(3.5)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    c.close()
+    (active,) = [r for r in d.calls() if r["account"] == "crash"]
+    assert active["state"] == "active"
+    assert d.cli("points", "show", "crash") == "10"
+    d2 = Daemon(tmp_path, ini)
+    d2.port = d.port
+    d2.start()
+    try:
+        (settled,) = [r for r in d2.calls() if r["account"] == "crash"]
+        assert settled["state"] == "settled" and settled["end_reason"] == "crash"
+        assert 2.0 <= settled["duration"] <= 4.5, "charged to the last heartbeat"
+        assert settled["points_charged"] == 1
+        assert d2.cli("points", "show", "crash") == "9"
+    finally:
+        d2.stop()
+    d3 = Daemon(tmp_path, ini)
+    d3.start()
+    d3.stop()
+    assert d3.cli("points", "show", "crash") == "9", "never settled twice"
+
+
+def _sockets_of(pid: int) -> set[str]:
+    """Remote addresses of the process's inet sockets (empty for listeners)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    remotes = set()
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[9] in inodes:
+                remotes.add(cols[2])
+    return remotes
+
+
+def _is_loopback_or_unconnected(hex_addr: str) -> bool:
+    host = hex_addr.split(":")[0]
+    if set(host) == {"0"}:
+        return True  # not connected (a listener)
+    if len(host) == 8:  # IPv4, little-endian
+        return host.endswith("7F")
+    return host in ("00000000000000000000000001000000",) or host.startswith("0000000000000000FFFF0000") and host.endswith("7F")
+
+
+def test_no_telemetry_no_sockets_but_our_own(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # the daemon inherits it
+    try:
+        d = Daemon(tmp_path / "state", shipped_ini()).start()
+    finally:
+        if env_home is not None:
+            os.environ["HOME"] = env_home
+    try:
+        key = d.key()
+        c = Caller(d.url(f"/voice/{key}"))
+        seen: set[str] = set()
+        deadline = time.monotonic() + 14  # onnxruntime's telemetry starts ~9 s after load
+        while time.monotonic() < deadline:
+            seen |= _sockets_of(d.proc.pid)
+            c.pause(0.2)
+        c.close()
+        strangers = {a for a in seen if not _is_loopback_or_unconnected(a)}
+        assert strangers == set(), f"sockets to {strangers}"
+        assert not (home / ".cache" / "Microsoft").exists(), "onnxruntime wrote its telemetry store"
+    finally:
+        d.stop()
+
+
+def test_the_plugin_sets_the_offline_environment_before_engines_load():
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('ORT_DISABLE_TELEMETRY', None); os.environ.pop('HF_HUB_OFFLINE', None); "
+            "import upvoot.tap, sys; print(os.environ['ORT_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
+            "'onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1", "False"]

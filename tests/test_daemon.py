@@ -376,3 +376,30 @@ def test_daemon_mode_detaches_writes_its_pidfile_and_serves(tmp_path):
         while time.monotonic() < deadline and pidfile.exists():
             time.sleep(0.2)
     assert not pidfile.exists(), "twistd removes its pidfile on a clean stop"
+
+
+def test_abuse_limits_refuse_with_429(tmp_path):
+    d = Daemon(tmp_path, shipped_ini(auth_failure_limit="3", max_calls_per_account="1"))
+    d.start()
+    try:
+        for _ in range(3):
+            assert status_of(d.url("/voice/uvk_" + "z" * 32)) == 401
+        assert status_of(d.url("/voice/uvk_" + "z" * 32)) == 429, "refused at once after 3 failures"
+        log = d.log_text()
+        assert log.count("auth.rate_limited") + log.count("Too many failed keys") == 1
+    finally:
+        d.stop()
+    d = Daemon(tmp_path / "second", shipped_ini(max_calls_per_account="1"))
+    d.start()
+    try:
+        key = d.key(account="solo", points=10)
+        first = Caller(d.url(f"/voice/{key}"))
+        assert status_of(d.url(f"/voice/{key}")) == 429
+        other = Caller(d.url(f"/voice/{d.key(account='someone-else', points=10)}"))
+        first.close()
+        time.sleep(0.5)
+        again = Caller(d.url(f"/voice/{key}"))
+        again.close()
+        other.close()
+    finally:
+        d.stop()

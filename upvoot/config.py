@@ -180,6 +180,10 @@ class Config:
     detect_timeout: float
     drain_time: float
     heartbeat: float
+    max_calls_per_account: int
+    auth_failure_limit: int
+    auth_failure_window: float
+    trust_x_forwarded_for: int
     websocket: WebSocketLimits
     agents: Mapping[str, AgentConfig]
 
@@ -207,6 +211,10 @@ _MAIN: dict[str, tuple[Callable[[str], object], str]] = {
     "detect_timeout": (_duration(0.0, 10.0, zero_ok=True), "150ms"),
     "drain_time": (_duration(0.0, 3600.0, zero_ok=True), "30s"),
     "heartbeat": (_duration(0.5, 3600.0), "15s"),
+    "max_calls_per_account": (_int(0), "0"),
+    "auth_failure_limit": (_int(0), "10"),
+    "auth_failure_window": (_duration(1.0, 86400.0), "1m"),
+    "trust_x_forwarded_for": (_int(0, 10), "0"),
 }
 
 _AGENT: dict[str, tuple[Callable[[str], object], str]] = {

@@ -24,6 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from upvoot import store as storemod
+from upvoot.abuse import AbuseGuard
 from upvoot.agents import AgentRegistry
 from upvoot.config import Config
 from upvoot.engines.interfaces import EngineContext
@@ -81,6 +82,8 @@ class UpVootService(service.MultiService):
         self.admin: Any = None  # the admin listener (add_admin_listener)
         self.pacer = Pacer(reactor, on_lag=self.metrics.pacing_lateness.observe)
         self.lag = LagMonitor(reactor, on_lag=self.metrics.reactor_lag.observe)
+        self.guard = AbuseGuard(reactor, config.auth_failure_limit, config.auth_failure_window,
+                                config.max_calls_per_account)
         self.agents: AgentRegistry | None = None
         self.ready = False
         self.draining = False

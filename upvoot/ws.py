@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from upvoot.abuse import peer_host
 from upvoot.call import new_call
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
 from upvoot.framing.detect import PROVIDERS, detect, make_framing
@@ -43,6 +44,7 @@ _REASONS = {
     401: "Unauthorized",
     402: "Payment Required",
     404: "Not Found",
+    429: "Too Many Requests",
     503: "Service Unavailable",
 }
 
@@ -82,6 +84,8 @@ class _Output:
         self.proto = proto
         self.framing = proto.framing
         self.marks_playout = bool(getattr(proto.framing, "acknowledges_playout", False))
+        # providers with large minimum chunks (Exotel) need more lead for the first chunk to leave at once
+        self.min_lead = float(getattr(proto.framing, "min_lead", 0.0))
         self._marks: dict[str, tuple[Any, int]] = {}
         self._n = 0
 
@@ -108,6 +112,13 @@ class _Output:
                 del self._marks[next(iter(self._marks))]
         self._marks[name] = (playback, position)
         self._send(self.framing.mark(name))
+        if playback.finished and not playback.buffered:
+            # the last mark of an utterance: its audio tail (held by the
+            # resampler/chunker until audio_end, which waits for this mark)
+            # must go out now, or the mark can only come back by MARK_GRACE
+            flush = getattr(self.framing, "flush", None)
+            if flush is not None:
+                self._send(flush())
 
     def acknowledged(self, name: str, cleared: bool) -> None:
         entry = self._marks.pop(name, None)
@@ -158,6 +169,10 @@ class VoiceProtocol(WebSocketServerProtocol):
             service.note_refusal(404)
             raise ConnectionDeny(404, _REASONS[404])
         key = path[len("/voice/"):]
+        host = peer_host(self.peer)
+        if service.guard.blocked(host):
+            service.note_refusal(429)
+            raise ConnectionDeny(429, _REASONS[429])
         refusal = service.admission_refusal()
         if refusal is not None:
             service.note_refusal(503)
@@ -172,6 +187,7 @@ class VoiceProtocol(WebSocketServerProtocol):
                 service.note_refusal(503)
                 raise ConnectionDeny(503, _REASONS[503])
         if info is None or info.revoked:
+            service.guard.failed(host)
             service.note_refusal(401)
             self.factory.metrics.auth_failures.inc()
             self._log.info("Upgrade refused: {why} key from {peer}", event="auth.denied",
@@ -187,6 +203,11 @@ class VoiceProtocol(WebSocketServerProtocol):
             self._log.error("Key {prefix} names agent {agent!r}, which is not configured",
                             event="auth.unknown_agent", prefix=info.prefix, agent=info.agent)
             raise ConnectionDeny(503, _REASONS[503])
+        if service.guard.account_full(info.account):
+            service.note_refusal(429)
+            self._log.info("Upgrade refused: account {account} is at its limit of concurrent calls",
+                           event="handshake.account_limit", account=info.account)
+            raise ConnectionDeny(429, _REASONS[429])
         self.key_info = info
         self._params = {k: v[-1] for k, v in request.params.items() if v}
         self._choice = self._params.get("provider") or service.agents.agents[info.agent].config.provider
@@ -202,6 +223,8 @@ class VoiceProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(408, "Request Timeout")
         service.calls_reserved += 1  # counted from now, so concurrent upgrades see it
         self._reserved = True
+        service.guard.account_add(info.account)
+        self._account_counted = True
         return None
 
     def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
@@ -383,6 +406,9 @@ class VoiceProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int, reason: str) -> None:
+        if getattr(self, "_account_counted", False):
+            self._account_counted = False
+            self.service.guard.account_remove(self.key_info.account)
         if getattr(self, "_reserved", False):
             self.service.calls_reserved -= 1
             self._reserved = False
@@ -424,7 +450,7 @@ class VoiceFactory(WebSocketServerFactory):
             autoPingInterval=ws.auto_ping_interval or 0,
             autoPingTimeout=ws.auto_ping_timeout,
             maxConnections=ws.max_connections,
-            trustXForwardedFor=0,
+            trustXForwardedFor=service.config.trust_x_forwarded_for,
         )
 
 

@@ -143,3 +143,47 @@ def test_the_plugin_sets_the_offline_environment_before_engines_load():
             "'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "1", "False"]
+
+
+def test_sighup_picks_up_a_renewed_certificate_without_dropping_calls(tmp_path):
+    import hashlib
+    import socket
+    import ssl
+
+    from tests.daemon import client_ssl_context, make_self_signed
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    key_file, cert_file = make_self_signed(certs)
+    d = Daemon(tmp_path / "tls", shipped_ini() + LONG_AGENT, scheme="wss",
+               listen=f"ssl:{{port}}:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}")
+    d.start()
+
+    def served_cert() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", d.port)) as raw, ctx.wrap_socket(raw) as tls:
+            return hashlib.sha256(tls.getpeercert(binary_form=True)).digest()
+
+    try:
+        key = d.key(agent="long", account="tls", points=10)
+        call = Caller(d.url(f"/voice/{key}"), ssl_context=client_ssl_context(cert_file))
+        call.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+        before = served_cert()
+        old_cert = cert_file.read_bytes()
+        make_self_signed(certs)  # renewed on disk, same paths
+        assert cert_file.read_bytes() != old_cert
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "TLS listener reloaded" not in d.log_text():
+            call.pause(0.1)
+        assert served_cert() != before, "new connections get the renewed certificate"
+        call.pause(0.5)
+        assert not call.closed, "the running call was not dropped"
+        fresh = Caller(d.url(f"/voice/{key}"), ssl_context=client_ssl_context(cert_file))
+        fresh.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+        fresh.close()
+        call.close()
+    finally:
+        d.stop()

@@ -97,8 +97,47 @@ class UpVootService(service.MultiService):
 
     # ------------------------------------------------------------ lifecycle
     def add_listeners(self, endpoints: list[str], factory: Any) -> None:
+        self._listeners: list[tuple[str, Any, Any]] = []
         for description in endpoints:
-            strports.service(description, factory).setServiceParent(self)
+            svc = strports.service(description, factory)
+            svc.setServiceParent(self)
+            self._listeners.append((description, factory, svc))
+
+    @defer.inlineCallbacks
+    def reload_tls(self):
+        """Pick up renewed certificates (SIGHUP): each ``ssl:`` listener is
+        replaced by a new one reading the files again. Running calls are not
+        touched (closing a listening port leaves its connections open); new
+        connections are refused for the moment between the two ports."""
+        for i, (description, factory, old) in enumerate(list(getattr(self, "_listeners", []))):
+            if not description.startswith("ssl:"):
+                continue
+            try:
+                new = strports.service(description, factory)
+            except Exception:
+                self._log.failure("Bad TLS listener {description}", event="tls.reload_failed", description=description)
+                continue
+            yield old.disownServiceParent()
+            try:
+                new.setServiceParent(self)
+            except Exception:
+                self._log.failure("Could not reload TLS listener; keeping the old certificate",
+                                  event="tls.reload_failed")
+                old.setServiceParent(self)
+                continue
+            self._listeners[i] = (description, factory, new)
+            self._log.info("TLS listener reloaded", event="tls.reloaded")
+
+    def _install_sighup(self) -> None:
+        import signal
+
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self.reload_tls)
+
+        try:
+            signal.signal(signal.SIGHUP, on_hup)
+        except ValueError:  # not the main thread (tests)
+            pass
 
     def add_admin_listener(self, description: str, factory: Any) -> None:
         """The admin listener (``upvoot.web``) is not a child: it listens
@@ -116,6 +155,7 @@ class UpVootService(service.MultiService):
         self.lag.start()
         self.settle_orphans()
         self._heartbeat.start(self.config.heartbeat, now=False)
+        self._install_sighup()
         registry = AgentRegistry(self.config.agents, EngineContext(pool=self.pool, clock=self.reactor))
         d = registry.prepare(self.reactor)
 

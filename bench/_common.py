@@ -115,11 +115,8 @@ def question_clips(questions: Sequence[tuple[str, str]] = QUESTIONS, before: flo
 
 
 def write_clips_wav(path: Path, clips: Sequence[Clip]) -> None:
-    """The questions back to back, for listening (not used by the benches)."""
-    audio_bytes = b"".join(c.pcm for c in clips)
-    from upvoot.audio import write_wav
-
-    write_wav(str(path), audio_bytes)
+    """The question clips back to back (16 kHz mono), for listening."""
+    audio.write_wav(str(path), b"".join(c.pcm for c in clips))
 
 
 # ---- the caller ---------------------------------------------------------------------------------
@@ -296,10 +293,9 @@ async def run_calls(
     max_seconds: float,
     ramp: float = 0.0,
     connect_timeout: float = 10.0,
-    sequential: bool = False,
 ) -> list[DialResult]:
-    """Place one call per (url, source): at once, spread over ``ramp``
-    seconds, or one after the other. Every call hangs up by itself when its
+    """Place one call per (url, source), the starts spread over ``ramp``
+    seconds. Every call hangs up by itself when its
     caller is done, at ``max_seconds`` at the latest; a watchdog fails what
     is left after that plus the connect timeout and a grace."""
     calls: list[Call] = []
@@ -315,14 +311,6 @@ async def run_calls(
             if not call.done.called:
                 call.failed("watchdog: the call did not end in time")
 
-    if sequential:
-        results = []
-        for i in range(len(urls)):
-            limit = reactor.callLater(max_seconds + connect_timeout + 15.0, watchdog)
-            results.append(await place(i))
-            if limit.active():
-                limit.cancel()
-        return results
     pending = [task.deferLater(reactor, ramp * i / max(1, len(urls)), place, i) for i in range(len(urls))]
     limit = reactor.callLater(ramp + max_seconds + connect_timeout + 15.0, watchdog)
     outcomes = await defer.DeferredList(pending, consumeErrors=True)
@@ -344,6 +332,62 @@ def react(fn: Any) -> Any:
         if e.code:
             raise
     return box[0]
+
+
+# ---- the rest of the machine -----------------------------------------------------------------------
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have used (/proc/stat, all cores)."""
+    import os
+
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class OtherLoad:
+    """CPU used by processes other than the daemon and this one, between
+    ``start()`` and ``stop()`` (the machine is shared: anything else running
+    skews latency figures, so the benches report it)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        server = cpu_seconds(self.pid) if self.pid else 0.0
+        return time.monotonic(), machine_cpu_seconds(), server, own_cpu_seconds()
+
+    def start(self) -> None:
+        self._t0 = self._sample()
+
+    def stop(self) -> dict:
+        t1 = self._sample()
+        wall, machine, server, own = (b - a for a, b in zip(self._t0, t1))
+        wall = max(wall, 1e-6)
+        return {"wall": wall, "server": 100 * server / wall, "own": 100 * own / wall,
+                "others": max(0.0, 100 * (machine - server - own) / wall), "machine": 100 * machine / wall}
+
+
+def wait_quiet(pid: int | None, max_wait: float = 45.0, below: float = 25.0, window: float = 1.0) -> tuple[float, float]:
+    """Wait (at most ``max_wait`` s) until other processes use less than
+    ``below`` % of one core over ``window``; returns (waited, last %)."""
+    t0 = time.monotonic()
+    load = OtherLoad(pid)
+    while True:
+        load.start()
+        time.sleep(window)
+        others = load.stop()["others"]
+        if others < below or time.monotonic() - t0 >= max_wait:
+            return time.monotonic() - t0, others
 
 
 # ---- the daemon and its call records ---------------------------------------------------------

@@ -23,9 +23,11 @@ server       the call record's ``metadata.latencies`` (``upvoot calls show ID
              audio_start), voice_to_voice from the server's estimate of the
              speech end (endpointed - end_of_turn, i.e. its VAD's last voiced
              frame) to audio_start.
-client - server  per turn: network, the pacer's first tick, the client's
-             frame scheduling, and where the VAD places the end of speech
-             (printed separately as "VAD tail").
+client - server  per turn. The server's clock starts at the arrival of the
+             last frame its VAD called voiced, a few tens of ms before the
+             real end of speech ("offset": the VAD's tail threshold plus one
+             frame); client - server + offset is what the network, the
+             pacer's first 20 ms tick and the client's frame timing add.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from upvoot.dialer import FRAME_SECONDS  # noqa: E402
+
 from bench._common import (  # noqa: E402
+    OtherLoad,
     QuestionCaller,
     agent_text_at,
     call_record,
-    cpu_seconds,
     managed_daemon,
     ms,
     pair_latencies,
@@ -51,6 +55,8 @@ from bench._common import (  # noqa: E402
     question_clips,
     react,
     run_calls,
+    wait_quiet,
+    write_clips_wav,
 )
 
 STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
@@ -65,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=2, help="calls, one after the other (default 2)")
     p.add_argument("--turns", type=int, default=5, help="questions per call (default 5, at most 19)")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between a reply's audio_end and the next question (default 1)")
+    p.add_argument("--save-wav", metavar="FILE.wav", help="also write the question clips, back to back, to FILE.wav")
     p.add_argument("--max-seconds", type=float, default=180.0, help="hard limit per call (default 180)")
     return p
 
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     clips = question_clips()
     print(f"questions: {len(clips)} clips by piper in {time.perf_counter() - t0:.1f} s: "
           + "; ".join(f"{c.text!r} {c.speech_seconds:.2f} s" for c in clips))
+    if args.save_wav:
+        write_clips_wav(Path(args.save_wav), clips)
     if args.url:
         key = args.url.rstrip("/").rsplit("/", 1)[-1]
         return measure(args, clips, args.url, Path(args.config), key, args.pid, None)
@@ -91,11 +100,21 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: str, pid: int | None, daemon: Any) -> int:
     sources = [QuestionCaller(clips, call_no=i, max_turns=args.turns, pause=args.pause, first=i * args.turns)
                for i in range(args.calls)]
-    cpu0 = cpu_seconds(pid) if pid else None
-    wall0 = time.monotonic()
-    results = react(lambda reactor: run_calls(reactor, [url] * args.calls, sources, args.max_seconds, sequential=True))
-    wall = time.monotonic() - wall0
-    cpu = cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
+    loads: list[dict] = []
+
+    async def calls(reactor: Any) -> list:
+        results = []
+        for src in sources:  # one call after the other, each on a quiet machine if we can
+            waited, others = wait_quiet(pid)
+            if waited > 1.5:
+                print(f"(waited {waited:.0f} s for other processes to calm down: {others:.0f} % of a core)", flush=True)
+            load = OtherLoad(pid)
+            load.start()
+            results += await run_calls(reactor, [url], [src], args.max_seconds)
+            loads.append(load.stop())
+        return results
+
+    results = react(calls)
 
     pairs = []
     for src, res in zip(sources, results):
@@ -106,19 +125,22 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
             f"{len(src.turns)} questions, closed by {res.closed_by} ({res.hangup_reason or res.close_code}) after {res.duration:.1f} s"
         record = call_record(config, key, src.opened_wall) if src.opened_wall else None
         rid = record["call_id"] if record else "no record"
-        print(f"call {src.call_no + 1}: {status}; record {rid}" + (f"; {src.note}" if src.note else ""))
+        load = loads[src.call_no]
+        print(f"call {src.call_no + 1}: {status}; record {rid}; CPU % of one core: daemon {load['server']:.0f},"
+              f" this client {load['own']:.0f}, other processes {load['others']:.0f}" + (f"; {src.note}" if src.note else ""))
         pairs += pair_latencies(src.turns, record, APOLOGY)
 
     print()
-    print(f"{'call':>4} {'turn':>4}  {'question':34} {'ok':>3} {'client':>7} {'server':>7} {'diff':>6} "
-          f"{'VADtail':>7} | {'endpt':>6} {'stt':>6} {'brain':>6} {'tts':>6}   (ms)")
+    print(f"{'call':>4} {'turn':>4}  {'question':34} {'ok':>3} {'client':>7} {'server':>7} {'diff':>6} {'offset':>6} "
+          f"{'net+pace':>8} | {'endpt':>6} {'stt':>6} {'brain':>6} {'tts':>6}   (ms)")
     for turn, srv in pairs:
         srv = srv or {}
         v2v_s = srv.get("voice_to_voice")
         diff = None if v2v_s is None or turn.v2v is None else turn.v2v - v2v_s
-        tail = None if turn.vad_end is None or turn.speech_end is None else turn.vad_end - turn.speech_end
+        off = offset(turn)
+        net = None if diff is None or off is None else diff + off
         print(f"{turn.call + 1:>4} {turn.index + 1:>4}  {turn.clip.text[:34]:34} {'yes' if turn.understood else 'NO':>3} "
-              f"{ms(turn.v2v)} {ms(v2v_s)} {ms(diff, 6)} {ms(tail)} | "
+              f"{ms(turn.v2v)} {ms(v2v_s)} {ms(diff, 6)} {ms(off, 6)} {ms(net, 8)} | "
               + " ".join(ms(srv.get(k), 6) for k in STAGES[:4]))
     unanswered = [t for s in sources for t in s.turns if t.first_byte is None]
     if unanswered:
@@ -126,18 +148,20 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
 
     def row(name: str, values: list[float]) -> str:
         if not values:
-            return f"{name:40} {0:>3}       -       -"
-        return f"{name:40} {len(values):>3} {ms(percentile(values, 50))} {ms(percentile(values, 95))}"
+            return f"{name:48} {0:>3}       -       -"
+        return f"{name:48} {len(values):>3} {ms(percentile(values, 50))} {ms(percentile(values, 95))}"
 
-    with_srv = [(t, s) for t, s in pairs if s]
+    with_srv = [(t, s) for t, s in pairs if s and t.v2v is not None]
     print()
-    print(f"{'voice-to-voice, per stage (ms)':40} {'n':>3} {'median':>7} {'p95':>7}")
+    print(f"{'voice-to-voice by stage (ms)':48} {'n':>3} {'median':>7} {'p95':>7}")
     for k in STAGES[:4]:
-        print(row(f"  server: {k}", [s[k] for _, s in with_srv]))
-    print(row("  server: voice_to_voice", [s["voice_to_voice"] for _, s in with_srv]))
-    print(row("  client: voice_to_voice (to 1st byte)", [t.v2v for t, _ in pairs if t.v2v is not None]))
-    print(row("  client - server (network + pacing)", [t.v2v - s["voice_to_voice"] for t, s in with_srv if t.v2v is not None]))
-    print(row("  of which VAD tail (speech end -> VAD)", [t.vad_end - t.speech_end for t, _ in pairs if t.vad_end and t.speech_end]))
+        print(row(f"server: {k}", [s[k] for _, s in with_srv]))
+    print(row("server: voice_to_voice (VAD end -> audio_start)", [s["voice_to_voice"] for _, s in with_srv]))
+    print(row("client: voice_to_voice (speech end -> 1st byte)", [t.v2v for t, _ in pairs if t.v2v is not None]))
+    print(row("client - server", [t.v2v - s["voice_to_voice"] for t, s in with_srv]))
+    print(row("  offset: speech end - server's speech end", [offset(t) for t, _ in with_srv if offset(t) is not None]))
+    print(row("  network + pacing (client - server + offset)",
+              [t.v2v - s["voice_to_voice"] + offset(t) for t, s in with_srv if offset(t) is not None]))
     understood = sum(1 for t, _ in pairs if t.understood)
     print()
     print(f"turns: {len(pairs)} answered of {sum(len(s.turns) for s in sources)} asked, "
@@ -145,10 +169,22 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
     if daemon is not None:
         logged = daemon.log_text().count("Turn latency ")
         print(f"daemon log: {logged} call.turn_latency events")
-    if cpu is not None:
-        print(f"server CPU: {cpu:.1f} s over {wall:.1f} s = {100 * cpu / wall:.0f} % of one core ({os.cpu_count()} cores)")
+    wall = sum(x["wall"] for x in loads)
+    print(f"CPU over {wall:.1f} s of calls, % of one core ({os.cpu_count()} cores): "
+          + (f"daemon {sum(x['server'] * x['wall'] for x in loads) / wall:.0f}, " if pid else "daemon not measured (--pid), ")
+          + f"this client {sum(x['own'] * x['wall'] for x in loads) / wall:.0f}, "
+          f"other processes {sum(x['others'] * x['wall'] for x in loads) / wall:.0f}")
     ok = pairs and all(s for _, s in pairs) and not unanswered
     return 0 if ok else 1
+
+
+def offset(turn: Any) -> float | None:
+    """How much earlier than the real end of speech the server starts its
+    clock: it counts from the arrival of the last frame its VAD called voiced
+    (endpointed - end_of_turn), which we sent one frame before ``vad_end``."""
+    if turn.vad_end is None or turn.speech_end is None:
+        return None
+    return turn.speech_end - (turn.vad_end - FRAME_SECONDS)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from upvoot import store
+from upvoot.abuse import AbuseGuard
 from upvoot.audio import FRAME_BYTES
 from upvoot.call import state_of
 from upvoot.config import load_config
@@ -55,6 +56,7 @@ open_handshake_timeout = 7s
 close_timeout = 3s
 auto_ping_interval = 0
 max_connections = 5
+max_calls_per_account = 1
 
 [agent:demo]
 """
@@ -100,6 +102,8 @@ class FakeService:
         self.config = config
         self.clock = clock
         self.pacer = Pacer(clock)
+        self.guard = AbuseGuard(clock, config.auth_failure_limit, config.auth_failure_window,
+                                config.max_calls_per_account)
         self.store = InlineStore(db_path)
         self.agents = SimpleNamespace(agents={"demo": make_agent(agent_config(name="demo"))})
         self.refusal: str | None = None
@@ -152,10 +156,10 @@ class Client(WebSocketClientProtocol):
         self.closed = (wasClean, code)
 
     # ------------------------------------------------------------ reading
-    def kinds(self) -> list[str]:
+    def kinds(self, since: int = 0) -> list[str]:
         """Message kinds in order, runs of audio frames collapsed to one."""
         out: list[str] = []
-        for kind, payload in self.received:
+        for kind, payload in self.received[since:]:
             name = "audio" if kind == "audio" else payload["type"]
             if not (name == "audio" and out and out[-1] == "audio"):
                 out.append(name)
@@ -332,13 +336,14 @@ def test_hanging_up_during_the_key_lookup_opens_no_call(world):
     assert not out  # nothing answered yet
     (d, asked), = db.pending
     d.callback(db.lookup(asked))
-    assert world.service.opened == []
+    advance(world, 1.0)  # past detect_timeout, when a raw call would start
+    assert world.service.opened == [] and proto.machine is None
     assert world.service.calls_reserved == 0
+    assert not world.service.guard.account_full("acme")
     assert world.clock.getDelayedCalls() == []
 
 
 def test_factory_takes_every_websocket_limit_from_config(world):
-    proto = world.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     ws = world.service.config.websocket
     assert (world.factory.maxMessagePayloadSize, world.factory.maxFramePayloadSize) == (65536, 32768)
     assert world.factory.openHandshakeTimeout == ws.open_handshake_timeout == 7.0
@@ -346,7 +351,6 @@ def test_factory_takes_every_websocket_limit_from_config(world):
     assert world.factory.maxConnections == 5
     assert world.factory.trustXForwardedFor == 0
     assert world.factory.server == "UpVoot"
-    del proto
 
 
 # ------------------------------------------------------------------- calls
@@ -370,10 +374,19 @@ def dial(w, key: str) -> tuple[Client, object]:
     return opened[0], servers[0]
 
 
+def wait_for_framing(w, client) -> None:
+    """A raw client that says nothing gets its greeting after detect_timeout."""
+    assert client.received == [] and w.service.opened == []
+    for clock in (w.clock, w.autobahn_clock, w.net):
+        clock.advance(w.service.config.detect_timeout)
+    w.pumper.flush()
+
+
 @pytest.fixture
 def call(world):
     key = world.service.store.key("acme")
     client, server = dial(world, key)
+    wait_for_framing(world, client)
     return SimpleNamespace(w=world, key=key, client=client, server=server)
 
 
@@ -416,8 +429,7 @@ def test_end_call_says_goodbye_and_closes_1000(call):
     client.sendMessage(json.dumps({"type": "end_call"}).encode(), isBinary=False)
     w.pumper.flush()
     advance(w, 3 * WORD_SECONDS + 0.5)
-    tail = Client.kinds(SimpleNamespace(received=client.received[mark:]))
-    assert tail == ["audio_start", "audio", "audio_end", "transcript"]
+    assert client.kinds(since=mark) == ["audio_start", "audio", "audio_end", "transcript"]
     assert client.messages("transcript")[-1] == {"type": "transcript", "role": "agent", "text": GOODBYE}
     assert client.closed == (True, 1000)
     (summary,) = w.service.ended
@@ -425,6 +437,7 @@ def test_end_call_says_goodbye_and_closes_1000(call):
     assert summary["key_prefix"] == call.key[:12] and summary["account"] == "acme" and summary["provider"] == "raw"
     assert w.clock.getDelayedCalls() == []
     assert w.service.calls == set() and w.service.calls_reserved == 0
+    assert not w.service.guard.account_full("acme")  # the account's call slot is free again
 
 
 @pytest.mark.parametrize("how", ["close_handshake", "tcp_drop"])
@@ -445,14 +458,20 @@ def test_hanging_up_mid_greeting_ends_the_call_once(call, how):
     assert len(w.service.ended) == 1
     assert w.clock.getDelayedCalls() == []
     assert w.service.calls == set() and w.service.calls_reserved == 0
+    assert not w.service.guard.account_full("acme")
 
 
-def test_caller_audio_reaches_the_call(call):
-    w, client = call.w, call.client
-    advance(w, 1.2)
-    client.sendMessage(quiet(0.1), isBinary=True)
-    w.pumper.flush()
-    assert call.server.frames_in == 1
+def test_a_raw_client_that_sends_audio_first_is_greeted_at_once(world):
+    key = world.service.store.key("acme")
+    client, server = dial(world, key)
+    client.sendMessage(quiet(0.02), isBinary=True)
+    world.pumper.flush()
+    assert server.framing.name == "raw" and world.service.opened == [server]
+    assert client.kinds() == ["audio_start", "audio"]
+    client.dropConnection(abort=True)
+    advance(world, 0.1)
+    assert [s["end_reason"] for s in world.service.ended] == ["hangup"]
+    assert world.clock.getDelayedCalls() == []
 
 
 def test_a_client_that_stops_reading_is_disconnected(call):

@@ -191,6 +191,7 @@ class CallCore:
         call_id: str | None = None,
         lead: float = 0.1,
         log_transcripts: bool = False,
+        recorder: Any = None,
     ) -> None:
         self.agent = agent
         self.output = output
@@ -200,6 +201,7 @@ class CallCore:
         self.call_id = call_id or uuid.uuid4().hex
         self.lead = lead
         self.log_transcripts = log_transcripts
+        self.recorder = recorder  # upvoot.recording.CallRecorder, or None
         cfg = agent.config
         self.detector = agent.vad.new_detector()
         self.endpointer = Endpointer(cfg.end_of_turn, cfg.min_utterance, cfg.max_utterance, cfg.barge_in_min)
@@ -229,6 +231,8 @@ class CallCore:
     # -------------------------------------------------------------- audio in
     def caller_audio(self, pcm: bytes) -> None:
         """Feed caller audio (16 kHz s16le, even length, any size)."""
+        if self.recorder is not None and not self._finished:
+            self.recorder.caller(self.elapsed(), pcm)
         if self._finished or self.closing is not None:
             return
         self._pending += pcm
@@ -278,7 +282,11 @@ class CallCore:
 
     # ------------------------------------------------------------ speaking
     def _new_playback(self, reply_box: list) -> Playback:
-        return Playback(self.output, self.lead, lambda: self._played(reply_box[0]))
+        if self.recorder is None:
+            return Playback(self.output, self.lead, lambda: self._played(reply_box[0]))
+        tap = self.recorder.agent_sink(self.output, self.clock, self.t0)  # records each frame as it will play
+        tap.playback = Playback(tap, self.lead, lambda: self._played(reply_box[0]))
+        return tap.playback
 
     def say(self, text: str, kind: str) -> Reply:
         """Speak a fixed line now (cached audio when available)."""
@@ -599,6 +607,8 @@ class CallCore:
                 t.cancel()
         self._timers.clear()
         self.output.close()
+        if self.recorder is not None:
+            self.recorder.stop(self.elapsed())
         self.on_ended(self.summary())
 
     def summary(self) -> dict:

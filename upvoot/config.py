@@ -37,12 +37,12 @@ class ConfigError(Exception):
 
 # ---- value parsers -------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """'600ms', '10s', '30m', '1h' or a bare number of seconds -> seconds."""
+    """'600ms', '10s', '30m', '1h', '30d' or a bare number of seconds -> seconds."""
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"expected a duration like 600ms, 10s, 30m or 1h, got {text!r}")
@@ -143,6 +143,7 @@ class AgentConfig:
     points_per_increment: int
     billing_increment: float
     engines: Mapping[str, EngineSpec]
+    record: bool = False  # stereo WAV of the call (upvoot.recording)
 
     def fixed_lines(self) -> tuple[str, ...]:
         """Lines the agent may say verbatim: synthesized once and cached."""
@@ -186,6 +187,8 @@ class Config:
     trust_x_forwarded_for: int
     websocket: WebSocketLimits
     agents: Mapping[str, AgentConfig]
+    recordings_dir: str = "recordings"  # absolute once loaded
+    recordings_keep: float = 30 * 86400.0  # 0 = keep forever
 
 
 # ---- the option tables (name -> (parser, default)) --------------------------------
@@ -215,6 +218,8 @@ _MAIN: dict[str, tuple[Callable[[str], object], str]] = {
     "auth_failure_limit": (_int(0), "10"),
     "auth_failure_window": (_duration(1.0, 86400.0), "1m"),
     "trust_x_forwarded_for": (_int(0, 10), "0"),
+    "recordings_dir": (str.strip, "recordings"),
+    "recordings_keep": (_duration(3600.0, zero_ok=True), "30d"),
 }
 
 _AGENT: dict[str, tuple[Callable[[str], object], str]] = {
@@ -243,6 +248,7 @@ _AGENT: dict[str, tuple[Callable[[str], object], str]] = {
     "dtmf_interrupts": (parse_bool, "yes"),
     "points_per_increment": (_int(0), "1"),
     "billing_increment": (_duration(1.0, 3600.0), "1m"),
+    "record": (parse_bool, "no"),
 }
 
 _ENGINE_DEFAULTS = {"vad": "energy", "stt": "whisper", "brain": "scripted", "tts": "piper"}
@@ -351,4 +357,5 @@ def load_config(path: str) -> Config:
     )
     main.pop("state_dir")
     main.pop("database")
+    main["recordings_dir"] = os.path.normpath(os.path.join(state_dir, os.path.expanduser(main["recordings_dir"])))
     return Config(path=path, state_dir=state_dir, database=database, websocket=ws, agents=agents, **main)

@@ -59,6 +59,7 @@ class Playback:
         self.acked = 0
         self._last_mark = 0
         self._estimate_done_at: float | None = None
+        lead = max(lead, float(getattr(sink, "min_lead", 0.0)))  # a provider's minimum chunk (Exotel)
         self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
         self._on_played = on_played
         self._buffer = bytearray()

@@ -15,6 +15,7 @@ hears a half-ready agent.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from upvoot import recording
+from upvoot import spool as spoolmod
 from upvoot import store as storemod
 from upvoot.abuse import AbuseGuard
 from upvoot.agents import AgentRegistry
@@ -94,6 +97,14 @@ class UpVootService(service.MultiService):
         self._settling: set[defer.Deferred] = set()
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
+        # blocking file work (recordings, the spool) runs on the reactor's threads, never on the reactor
+        self.run_in_thread = recording.reactor_threads(reactor)
+        self.recordings = recording.Recordings(config.recordings_dir, config.state_dir, config.recordings_keep,
+                                               reactor, self.run_in_thread)
+        self.spool = spoolmod.Spool(os.path.join(config.state_dir, "spool.jsonl"))
+        self.spooler = spoolmod.Spooler(self.spool, lambda: spoolmod.settle_spooled(self.spool, config.database),
+                                        reactor, self.run_in_thread,
+                                        on_applied=lambda record, charged: self.metrics.points(charged))
 
     # ------------------------------------------------------------ lifecycle
     def add_listeners(self, endpoints: list[str], factory: Any) -> None:
@@ -153,7 +164,12 @@ class UpVootService(service.MultiService):
         self.store.start()
         self.pool.start()
         self.lag.start()
+        # spooled records first: a call settled late must not be settled as a crash
+        self.spooler.report(spoolmod.settle_spooled(self.spool, self.config.database))
         self.settle_orphans()
+        self.spooler.start(now=False)
+        if any(agent.record for agent in self.config.agents.values()) or os.path.isdir(self.config.recordings_dir):
+            self.recordings.start()
         self._heartbeat.start(self.config.heartbeat, now=False)
         self._install_sighup()
         registry = AgentRegistry(self.config.agents, EngineContext(pool=self.pool, clock=self.reactor))
@@ -231,6 +247,8 @@ class UpVootService(service.MultiService):
             proto.dropConnection(abort=True)
         if self._settling:
             yield defer.DeferredList(list(self._settling))
+        yield self.spooler.stop()
+        yield self.recordings.stop()
         self.lag.stop()
         if self._heartbeat.running:
             self._heartbeat.stop()
@@ -289,9 +307,16 @@ class UpVootService(service.MultiService):
         d.addErrback(lambda f: self._log.failure("Could not record call start", f, event="store.open_failed",
                                                  call_id=start.call_id))
 
+    def recorder_for(self, call_id: str) -> recording.CallRecorder:
+        """A recorder for a call of an agent with ``record = yes``."""
+        return self.recordings.recorder(call_id)
+
     def call_ended(self, proto: Any, summary: dict) -> None:
         self.calls.discard(proto)
         self.metrics.call_ended(summary)
+        recorder = getattr(getattr(proto, "core", None), "recorder", None)
+        if recorder is not None:
+            self.recordings.finalize(recorder)  # in a thread; stopService waits for it
         record = storemod.CallRecord(
             call_id=summary["call_id"], key_prefix=summary["key_prefix"], account=summary["account"],
             agent=summary["agent"], provider=summary["provider"], started_at=summary["started_at"],
@@ -311,7 +336,22 @@ class UpVootService(service.MultiService):
                            call_id=record.call_id, charged=charged)
 
         def failed(f):
-            self._settling.discard(d)
-            self._log.failure("Could not settle call {call_id}", f, event="store.settle_failed", call_id=record.call_id)
+            # the database is unavailable: keep the record in the spool (fsynced) until it returns
+            self._log.warn("Could not settle call {call_id} ({error}); spooling it", event="store.settle_failed",
+                           call_id=record.call_id, error=f.getErrorMessage())
+            spooled = self.spooler.add(spoolmod.record_to_json(record))
+
+            def kept(_):
+                self._settling.discard(d)
+                self._log.warn("Call {call_id} spooled: settled when the database returns", event="store.settle_spooled",
+                               call_id=record.call_id)
+
+            def lost(f2):
+                self._settling.discard(d)
+                self._log.failure("Could not spool call {call_id}: its record is only in this log: {record}", f2,
+                                  event="store.settle_lost", call_id=record.call_id,
+                                  record=spoolmod.record_to_json(record))
+
+            return spooled.addCallbacks(kept, lost)
 
         d.addCallbacks(done, failed)

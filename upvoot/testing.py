@@ -132,7 +132,7 @@ def agent_config(**overrides) -> AgentConfig:
         closing_silence="No answer goodbye", closing_error="Technical trouble goodbye", max_failures=3,
         end_of_turn=0.6, min_utterance=0.25, max_utterance=20.0, barge_in_min=0.3, interim_interval=0.4,
         provider="auto", dtmf_interrupts=True,
-        points_per_increment=1, billing_increment=60.0,
+        points_per_increment=1, billing_increment=60.0, record=False,
     )
     values.update(overrides)
     settings = scripted_factory.parse_options(rules, ".")

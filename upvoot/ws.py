@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import attrs
@@ -284,9 +285,11 @@ class VoiceProtocol(WebSocketServerProtocol):
         agent = service.agents.agents[self.key_info.agent]
         self.started = started
         self.metadata = {"peer": self.peer, **{k: v for k, v in attrs.asdict(started).items() if v not in (None, {}, "")}}
+        call_id = uuid.uuid4().hex
         self.machine, self.core = new_call(
             agent, _Output(self), service.clock, service.pacer, self._ended,
-            lead=service.config.playout_lead, log_transcripts=service.config.log_transcripts,
+            lead=service.config.playout_lead, log_transcripts=service.config.log_transcripts, call_id=call_id,
+            recorder=service.recorder_for(call_id) if agent.config.record else None,
         )
         service.call_opened(self)
         self._log.info("Call started: key {prefix}, account {account}, agent {agent}, provider {provider}, from {peer}",
@@ -427,6 +430,8 @@ class VoiceProtocol(WebSocketServerProtocol):
             provider=self.framing.name,
             metadata=self.metadata,
         )
+        if self.core.recorder is not None:
+            self.metadata["recording"] = self.core.recorder.relpath  # relative to state_dir; written after the call
         self._log.info("Call ended: {reason} after {duration}s, {turns} turns, {points} points",
                        event="call.ended", call_id=summary["call_id"], reason=summary["end_reason"],
                        duration=summary["duration"], turns=summary["turns"], points=summary["points_charged"])

@@ -20,6 +20,9 @@ _FACTORIES: dict[tuple[str, str], str] = {
     ("tts", "piper"): "upvoot.engines.piper:factory",
     ("tts", "espeak"): "upvoot.engines.espeak:factory",
     ("brain", "scripted"): "upvoot.engines.scripted:factory",
+    ("brain", "openai"): "upvoot.engines.openai_llm:factory",
+    ("stt", "openai"): "upvoot.engines.openai_speech:stt_factory",
+    ("tts", "openai"): "upvoot.engines.openai_speech:tts_factory",
 }
 
 

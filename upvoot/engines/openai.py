@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import attrs
@@ -38,7 +39,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from upvoot.engines.interfaces import EngineContext, EngineOptionError, EngineUnavailable
-from upvoot.engines.options import parse_float, parse_path
+from upvoot.engines.options import parse_path
 
 #: Options every OpenAI-compatible engine takes.
 COMMON_OPTIONS = {"base_url", "model", "api_key_env", "api_key_file"}
@@ -94,17 +95,20 @@ def parse_endpoint(options: Mapping[str, str], base_dir: str) -> Endpoint:
     return Endpoint(base_url, options["model"].strip(), env, path)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
 def parse_seconds(options: Mapping[str, str], name: str, default: float) -> float:
-    """A timeout in seconds: ``5``, ``5s`` or ``1500ms``."""
+    """A timeout like the config's durations: ``5``, ``5s``, ``1500ms``, ``1m``."""
     if name not in options:
         return default
-    raw = options[name].strip().lower()
-    scale = 1.0
-    if raw.endswith("ms"):
-        raw, scale = raw[:-2], 0.001
-    elif raw.endswith("s"):
-        raw = raw[:-1]
-    return parse_float({name: raw}, name, 0.001, 3600.0) * scale
+    m = _DURATION.match(options[name])
+    if not m:
+        raise EngineOptionError(name, f"expected a duration like 1500ms, 5s or 1m, got {options[name]!r}")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    if not 0.001 <= value <= 3600.0:
+        raise EngineOptionError(name, f"{value:g}s is out of range [1ms, 1h]")
+    return value
 
 
 def read_key(engine: str, endpoint: Endpoint) -> str | None:
@@ -166,12 +170,12 @@ class HTTP:
     """One engine's HTTP client: a treq client over its own connection pool."""
 
     def __init__(self, reactor: Any, key: str | None, persistent: bool = True) -> None:
-        import treq
+        from treq.client import HTTPClient
 
         self.reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=persistent)
         self.pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-        self.client = treq.HTTPClient(Agent(reactor, pool=self.pool), data_to_body_producer=BytesProducer)
+        self.client = HTTPClient(Agent(reactor, pool=self.pool), data_to_body_producer=BytesProducer)
         self._key = key
 
     def headers(self, accept: str) -> dict[str, str]:
@@ -279,8 +283,24 @@ class BodyStream(Protocol):
 async def within(d: defer.Deferred, clock: Any, seconds: float) -> Any:
     """Await ``d``, cancelling it after ``seconds`` on ``clock``
     (``defer.TimeoutError``). No timer outlives the await."""
-    d.addTimeout(max(0.0, seconds), clock)
-    return await d
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    timer = clock.callLater(max(0.0, seconds), expire)
+    try:
+        return await d
+    except Exception:
+        # a cancelled request may fail with its own error (ResponseNeverReceived,
+        # ConnectingCancelledError), not CancelledError: the timer says what happened
+        if expired:
+            raise defer.TimeoutError(f"timed out after {seconds:.3f}s") from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 async def open_response(http: HTTP, send: Any, engine: str, clock: Any, started: float, seconds: float) -> Any:

@@ -569,6 +569,16 @@ class ProviderFraming:
             return []
         return self.drain() + self._do_audio(bytes(pcm))
 
+    def flush(self) -> list[Frame]:
+        """All audio of the utterance has been handed over: send what the
+        encoder and chunker still hold (the last chunk padded) and the marks
+        waiting for it, without waiting for ``audio_end``. The adapter calls
+        it with the utterance's last mark: ``audio_end`` comes only once that
+        mark is echoed, which it cannot be while its audio is held here."""
+        if not self._started:
+            return []
+        return self.drain() + self._do_end()
+
     def audio_end(self, interrupted: bool) -> list[Frame]:
         if not self._started:
             if interrupted:

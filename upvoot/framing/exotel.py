@@ -217,6 +217,17 @@ class ExotelFraming(ProviderFraming):
         obj.update(body)
         return json_frame(obj)
 
+    @property
+    def min_lead(self) -> float:
+        """Seconds of agent audio the pacer must hand over at once for the
+        first chunk to leave at once: one chunk (200 ms at 8 kHz) plus the
+        resampler's block (~50 ms). With the default 100 ms lead the greeting
+        waited ~100 ms for its first 3,200 bytes."""
+        if self._out is None:
+            return 0.0
+        size = self._out.chunker.size
+        return size / (self._out.rate * bytes_per_sample(self._out.codec)) + (0.05 if self._out.rate != 16000 else 0.0)
+
     def _media_frames(self, chunk: bytes) -> list[Frame]:
         assert self._out is not None
         self._chunk_no += 1

@@ -1,0 +1,323 @@
+"""The settlement spool: append, replay, partial failure, corrupt lines, a
+locked database; the service spooling a settlement and applying it later;
+and a real daemon whose database is locked while a call ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from upvoot import recording, spool as spoolmod, store
+from upvoot.config import load_config
+from upvoot.service import UpVootService
+
+
+def rec(call_id: str, points: int = 1, **kw) -> dict:
+    return {"call_id": call_id, "points_charged": points, **kw}
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return spoolmod.Spool(str(tmp_path / "spool.jsonl"))
+
+
+@pytest.fixture
+def logged():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def lines(spool) -> list[dict]:
+    with open(spool.path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- Spool ----------------------------------------------------------------------------
+
+
+def test_append_writes_one_json_line_per_record(spool):
+    spool.append(rec("a", transcript=[{"role": "caller", "text": "héllo"}]))
+    spool.append(rec("b"))
+    assert lines(spool) == [rec("a", transcript=[{"role": "caller", "text": "héllo"}]), rec("b")]
+    assert [r["call_id"] for r in spool.records()] == ["a", "b"] and len(spool) == 2
+    assert os.stat(spool.path).st_mode & 0o007 == 0, "no access for other users"
+
+
+def test_replay_applies_every_record_then_removes_the_spool(spool):
+    for name in "abc":
+        spool.append(rec(name))
+    applied = []
+    result = spool.replay(lambda r: applied.append(r["call_id"]) or 7)
+    assert applied == ["a", "b", "c"]
+    assert [(r["call_id"], charged) for r, charged in result.applied] == [("a", 7), ("b", 7), ("c", 7)]
+    assert result.remaining == 0 and not os.path.exists(spool.path)
+    assert spool.replay(lambda r: 1 / 0) == spoolmod.Replay(), "an empty spool: nothing to do"
+
+
+def test_a_partial_failure_keeps_the_failed_record_and_applies_the_rest(spool):
+    for name in "abc":
+        spool.append(rec(name))
+
+    def apply(r):
+        if r["call_id"] == "b":
+            raise ValueError("refused")
+        return 1
+
+    result = spool.replay(apply)
+    assert [r["call_id"] for r, _ in result.applied] == ["a", "c"]
+    assert [(r["call_id"], str(e)) for r, e in result.failed] == [("b", "refused")]
+    assert lines(spool) == [rec("b")] and result.remaining == 1
+    # the next replay applies it
+    assert [r["call_id"] for r, _ in spool.replay(lambda r: 1).applied] == ["b"]
+    assert not os.path.exists(spool.path)
+
+
+def test_an_unavailable_database_stops_the_replay_and_keeps_the_rest(spool):
+    for name in "abc":
+        spool.append(rec(name))
+    tried = []
+
+    def apply(r):
+        tried.append(r["call_id"])
+        if r["call_id"] == "b":
+            raise sqlite3.OperationalError("database is locked")
+        return 1
+
+    result = spool.replay(apply, stop_on=spoolmod.UNAVAILABLE)
+    assert tried == ["a", "b"], "no use trying the rest"
+    assert [r["call_id"] for r in spool.records()] == ["b", "c"] and result.remaining == 2
+
+
+def test_a_corrupt_line_is_kept_aside_with_a_log_line_not_lost(spool, logged):
+    spool.append(rec("a"))
+    with open(spool.path, "ab") as f:
+        f.write(b'{"call_id": "torn", "poi\n')
+        f.write(b'["not", "a", "record"]\n')
+    spool.append(rec("b"))
+    result = spool.replay(lambda r: 1)
+    assert [r["call_id"] for r, _ in result.applied] == ["a", "b"]
+    assert result.corrupt == 2 and not os.path.exists(spool.path)
+    with open(spool.corrupt_path, "rb") as f:
+        assert f.read() == b'{"call_id": "torn", "poi\n["not", "a", "record"]\n'
+    warnings = [e for e in logged if e.get("event") == "spool.corrupt"]
+    assert [e["number"] for e in warnings] == [2, 3]
+
+
+def test_an_append_after_a_torn_write_starts_its_own_line(spool):
+    with open(spool.path, "wb") as f:
+        f.write(b'{"call_id": "a", "points_charged": 1}\n{"call_id": "x", "poi')  # the process died here
+    spool.append(rec("b"))
+    assert [r["call_id"] for r in spool.records()] == ["a", "b"]
+
+
+def test_records_spooled_during_a_replay_are_kept(spool):
+    spool.append(rec("a"))
+    spool.append(rec("b"))
+
+    def apply(r):
+        if r["call_id"] == "a":
+            spool.append(rec("new"))  # a call ends while the replay runs
+        return 1
+
+    result = spool.replay(apply)
+    assert [r["call_id"] for r, _ in result.applied] == ["a", "b"]
+    assert lines(spool) == [rec("new")] and result.remaining == 1
+
+
+def test_the_rewrite_is_atomic(spool, monkeypatch):
+    """A crash during the rewrite leaves the old spool whole (a line may be
+    applied again: settlement is idempotent)."""
+    spool.append(rec("a"))
+    spool.append(rec("b"))
+
+    def crash(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(spoolmod.os, "replace", crash)
+    with pytest.raises(OSError):
+        spool.replay(lambda r: 1 if r["call_id"] == "a" else 1 / 0)
+    monkeypatch.undo()
+    assert [r["call_id"] for r in spool.records()] == ["a", "b"]
+
+
+# ---- with the database ------------------------------------------------------------------
+
+
+def _db(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    conn = store.connect(path)
+    key, prefix = store.transact(conn, store.create_key, "acme", "demo", 1000.0)
+    store.transact(conn, store.add_points, "acme", 10)
+    store.transact(conn, store.open_call, store.CallStart("c1", prefix, "acme", "demo", "raw", 1000.0))
+    conn.close()
+    return path, prefix
+
+
+def _record(prefix: str, call_id: str = "c1") -> store.CallRecord:
+    return store.CallRecord(
+        call_id=call_id, key_prefix=prefix, account="acme", agent="demo", provider="raw", started_at=1000.0,
+        ended_at=1090.0, duration=90.0, end_reason="hangup", turns=2, barge_ins=1, points_charged=2,
+        transcript=[{"role": "agent", "text": "Hello", "t": 0.5}], metadata={"peer": "x", "recording": "r/c1.wav"},
+    )
+
+
+def _read(path, fn, *args):
+    conn = store.connect(path)
+    try:
+        return store.transact(conn, fn, *args)
+    finally:
+        conn.close()
+
+
+def test_a_record_survives_the_round_trip_through_the_spool(spool, tmp_path):
+    record = _record("uvk_AbCdEfGh")
+    spool.append(spoolmod.record_to_json(record))
+    (back,) = spool.records()
+    assert spoolmod.record_from_json(back) == record
+
+
+def test_settle_spooled_charges_once_even_when_replayed_twice(spool, tmp_path):
+    db, prefix = _db(tmp_path)
+    line = spoolmod.record_to_json(_record(prefix))
+    spool.append(line)
+    result = spoolmod.settle_spooled(spool, db)
+    assert [charged for _, charged in result.applied] == [2]
+    call = _read(db, store.get_call, "c1")
+    assert (call["state"], call["duration"], call["metadata"]["recording"]) == ("settled", 90.0, "r/c1.wav")
+    spool.append(line)  # applied, but the process died before the line was removed
+    assert [charged for _, charged in spoolmod.settle_spooled(spool, db).applied] == [0]
+    assert _read(db, store.get_account, "acme")["points"] == 8
+    assert not os.path.exists(spool.path)
+
+
+def test_settle_spooled_keeps_the_record_while_the_database_is_locked(spool, tmp_path, monkeypatch):
+    db, prefix = _db(tmp_path)
+    spool.append(spoolmod.record_to_json(_record(prefix)))
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 100)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = spoolmod.settle_spooled(spool, db)
+        assert result.applied == [] and len(result.failed) == 1 and result.remaining == 1
+        assert [r["call_id"] for r in spool.records()] == ["c1"]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert [charged for _, charged in spoolmod.settle_spooled(spool, db).applied] == [2]
+    assert _read(db, store.get_account, "acme")["points"] == 8
+
+
+# ---- the service ---------------------------------------------------------------------
+
+
+class FlakyStore:
+    """The daemon's database as call_ended uses it: fails while ``down``."""
+
+    def __init__(self):
+        self.down = True
+        self.settled = []
+
+    def settle_call(self, record):
+        if self.down:
+            return defer.fail(sqlite3.OperationalError("database is locked"))
+        self.settled.append(record)
+        return defer.succeed(record.points_charged)
+
+
+class Call:
+    def __init__(self, call_id):
+        self.core = type("Core", (), {"call_id": call_id, "recorder": None})()
+
+
+def _summary(call_id: str, prefix: str) -> dict:
+    return {
+        "call_id": call_id, "agent": "demo", "started_at": 1000.0, "ended_at": 1090.0, "duration": 90.0,
+        "end_reason": "hangup", "turns": 2, "barge_ins": 0, "barge_ins_resumed": 0, "engine_failures": 0,
+        "latencies": [], "points_charged": 2, "transcript": [], "key_prefix": prefix,
+        "account": "acme", "provider": "raw", "metadata": {"peer": "tcp4:127.0.0.1:5555"},
+    }
+
+
+def test_the_service_spools_a_failed_settlement_and_applies_it_on_the_timer(tmp_path, monkeypatch, logged):
+    monkeypatch.setattr(recording, "reactor_threads", lambda reactor: recording.synchronous)
+    db, prefix = _db(tmp_path)
+    ini = tmp_path / "upvoot.ini"
+    ini.write_text(f"[upvoot]\ndatabase = {db}\n[agent:demo]\n")
+    clock = Clock()
+    service = UpVootService(load_config(str(ini)), clock)
+    service.store = FlakyStore()
+    service.spooler.start(now=False)
+    service.call_ended(Call("c1"), _summary("c1", prefix))
+    assert service._settling == set()
+    assert [r["call_id"] for r in service.spool.records()] == ["c1"]
+    assert any(e.get("event") == "store.settle_spooled" for e in logged)
+    assert _read(db, store.get_call, "c1")["state"] == "active"
+    clock.advance(service.spooler.retry_interval)
+    call = _read(db, store.get_call, "c1")
+    assert (call["state"], call["points_charged"]) == ("settled", 2)
+    assert not os.path.exists(service.spool.path)
+    assert _read(db, store.get_account, "acme")["points"] == 8
+    clock.advance(service.spooler.retry_interval)  # nothing left: nothing happens
+    assert _read(db, store.get_account, "acme")["points"] == 8
+    assert [e["call_id"] for e in logged if e.get("event") == "spool.applied"] == ["c1"]
+    d = service.spooler.stop()
+    assert d.called and clock.getDelayedCalls() == []
+
+
+# ---- the real daemon ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_call_that_ends_while_the_database_is_locked_is_spooled_then_settled_once(tmp_path):
+    from tests.daemon import Caller, Daemon, shipped_ini
+
+    d = Daemon(tmp_path, shipped_ini()).start()
+    try:
+        key = d.key(account="spool", points=10)
+        c = Caller(d.url(f"/voice/{key}"))
+        c.wait_json("audio_end", timeout=20)
+        spool_path = tmp_path / "spool.jsonl"
+        locker = sqlite3.connect(str(tmp_path / "upvoot.sqlite3"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        locked_at = time.monotonic()
+        try:
+            c.close()  # the call ends; its settlement waits out the busy timeout, then is spooled
+            deadline = time.monotonic() + store.BUSY_TIMEOUT_MS / 1000 + 10
+            while not spool_path.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert spool_path.exists(), d.log_text()[-3000:]
+            (line,) = spool_path.read_text().splitlines()
+            spooled = json.loads(line)
+            assert spooled["account"] == "spool"
+            assert time.monotonic() - locked_at >= store.BUSY_TIMEOUT_MS / 1000 - 0.5
+            time.sleep(1.0)  # a retry or two while still locked: it stays
+            assert spool_path.exists()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        record = d.call(spooled["call_id"], wait=20)
+        assert record["state"] == "settled" and record["end_reason"] == "hangup"
+        assert record["points_charged"] == spooled["points_charged"] >= 1
+        deadline = time.monotonic() + 10
+        while spool_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not spool_path.exists(), "removed once settled"
+        assert d.cli("points", "show", "spool") == str(10 - record["points_charged"])
+        assert d.log_text().count("settled from the spool") == 1
+        assert [r["call_id"] for r in d.calls()].count(spooled["call_id"]) == 1
+    finally:
+        d.stop()
+    # a restart finds nothing to apply, and charges nothing more
+    d2 = Daemon(tmp_path, d.ini.read_text())
+    d2.start()
+    d2.stop()
+    assert d2.cli("points", "show", "spool") == str(10 - record["points_charged"])

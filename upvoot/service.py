@@ -298,10 +298,12 @@ class UpVootService(service.MultiService):
         self.calls.add(proto)
         self.calls_total += 1
         self.metrics.call_started(proto.framing.name)
+        recorder = getattr(proto.core, "recorder", None)
         start = storemod.CallStart(
             call_id=proto.core.call_id, key_prefix=proto.key_info.prefix, account=proto.key_info.account,
             agent=proto.key_info.agent, provider=proto.framing.name, started_at=proto.core.started_wall,
-            metadata={"peer": proto.peer},
+            # the recording's path too, so a call settled as a crash still names it
+            metadata={"peer": proto.peer, **({"recording": recorder.relpath} if recorder is not None else {})},
         )
         d = self.store.open_call(start)
         d.addErrback(lambda f: self._log.failure("Could not record call start", f, event="store.open_failed",

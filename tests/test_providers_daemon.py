@@ -36,6 +36,10 @@ brain.fallback = {STORY}
 greeting = Hi.
 silence_timeout = 30s
 brain.fallback = {STORY}
+
+[agent:picker]
+greeting = This is the switchboard.
+agent_select = agent
 """
 
 CUSTOM = {"campaign": "spring", "ticket": "42"}
@@ -380,3 +384,26 @@ def test_dial_command_speaks_exotel(daemon, question, tmp_path):
     assert any(role == "agent" and "nine" in text for role, text in said), said
     summary = rows[-1]["summary"] if "summary" in rows[-1] else next(r["summary"] for r in rows if "summary" in r)
     assert summary["provider"] == "exotel" and summary["violations"] == []
+
+
+@pytest.mark.parametrize("wanted, answered", [("long", "long"), ("prov", "picker")])
+def test_custom_parameter_picks_among_the_accounts_agents(daemon, wanted, answered):
+    """agent_select: a custom parameter may pick another agent, but only one
+    the key's account also holds a key for."""
+    account = f"switchboard-{wanted}"
+    key = daemon.key(agent="picker", account=account, points=10)
+    daemon.key(agent="long", account=account, points=0)  # entitles the account to "long", not to "prov"
+    sim = make_sim("exotel", custom={"agent": wanted})
+    call = ProviderCall(sim.url(daemon.url(f"/voice/{key}")), sim)
+    try:
+        call.wait(AgentAudio, timeout=5)
+        call.pause(0.3)
+        call.stop()
+        call.wait_closed()
+    finally:
+        call.close()
+    record = daemon.call()
+    assert record["account"] == account and record["agent"] == answered
+    assert record["metadata"]["custom"] == {"agent": wanted}
+    if wanted != answered:
+        assert "call.agent_refused" in daemon.log_text() or "has no key for" in daemon.log_text()

@@ -140,6 +140,7 @@ class AgentConfig:
     interim_interval: float
     provider: str
     dtmf_interrupts: bool
+    agent_select: str
     points_per_increment: int
     billing_increment: float
     engines: Mapping[str, EngineSpec]
@@ -246,6 +247,7 @@ _AGENT: dict[str, tuple[Callable[[str], object], str]] = {
     "interim_interval": (_duration(0.1, 10.0, zero_ok=True), "400ms"),
     "provider": (_provider, "auto"),
     "dtmf_interrupts": (parse_bool, "yes"),
+    "agent_select": (_text, ""),
     "points_per_increment": (_int(0), "1"),
     "billing_increment": (_duration(1.0, 3600.0), "1m"),
     "record": (parse_bool, "no"),

@@ -304,6 +304,13 @@ def list_keys(txn: Any) -> list[dict[str, Any]]:
     ]
 
 
+def account_agents(txn: Any, account: str) -> set[str]:
+    """The agents an account holds a live (not revoked) key for: the agents
+    a provider's custom parameter may pick for that account's calls."""
+    txn.execute("SELECT DISTINCT agent FROM api_keys WHERE account = ? AND revoked_at IS NULL", (account,))
+    return {row[0] for row in txn.fetchall()}
+
+
 def lookup_key(txn: Any, key: str) -> KeyInfo | None:
     """What ``key`` grants, or None for an unknown or malformed key."""
     if not is_well_formed_key(key):

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from upvoot.abuse import peer_host
 from upvoot.call import new_call
+from upvoot.store import account_agents
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
 from upvoot.framing.detect import PROVIDERS, detect, make_framing
 from upvoot.metrics import Metrics
@@ -277,12 +278,50 @@ class VoiceProtocol(WebSocketServerProtocol):
         for payload, is_binary in early:
             self._receive(payload, is_binary)
 
-    def _begin_call(self, started: CallStarted) -> None:
+    def _provider_started(self, started: CallStarted) -> None:
+        """A provider's start: maybe its custom parameters pick the agent."""
+        own = self.service.agents.agents[self.key_info.agent].config
+        wanted = str(started.custom.get(own.agent_select, "")) if own.agent_select else ""
+        if not wanted or wanted == own.name:
+            self._begin_call(started)
+            return
+        self._starting = True
+        self._held: list = []
+        d = self.service.store.run(account_agents, self.key_info.account)
+
+        def chosen(allowed: set) -> None:
+            if wanted in allowed and wanted in self.service.agents.agents:
+                self._begin_call(started, wanted)
+            else:
+                self._log.warn("Custom parameter asks for agent {wanted!r}, which account {account} has no key for;"
+                               " using {agent}", event="call.agent_refused", wanted=wanted[:64],
+                               account=self.key_info.account, agent=own.name)
+                self._begin_call(started)
+
+        def failed(f):
+            self._log.failure("Agent lookup failed; using the key's agent", f, event="call.agent_lookup_failed")
+            self._begin_call(started)
+
+        d.addCallbacks(chosen, failed)
+
+        def replay(_):
+            self._starting = False
+            held, self._held = self._held, []
+            if self.state == self.STATE_CLOSED:
+                return
+            for event in held:
+                self._dispatch(event)
+
+        d.addBoth(replay)
+
+    def _begin_call(self, started: CallStarted, agent_name: str | None = None) -> None:
         service = self.service
+        if self.state == self.STATE_CLOSED:
+            return  # hung up while we looked the agent up
         if self._reserved:
             service.calls_reserved -= 1
             self._reserved = False
-        agent = service.agents.agents[self.key_info.agent]
+        agent = service.agents.agents[agent_name or self.key_info.agent]
         self.started = started
         self.metadata = {"peer": self.peer, **{k: v for k, v in attrs.asdict(started).items() if v not in (None, {}, "")}}
         call_id = uuid.uuid4().hex
@@ -350,9 +389,15 @@ class VoiceProtocol(WebSocketServerProtocol):
             self.send_frames(drain())
 
     def _dispatch(self, event) -> None:
+        if getattr(self, "_starting", False):
+            self._held.append(event)  # the agent is being chosen: hold the media
+            return
         if isinstance(event, CallStarted):
             if self.machine is None:
-                self._begin_call(event)
+                if event.provider == "raw":
+                    self._begin_call(event)
+                else:
+                    self._provider_started(event)
             return
         if self.machine is None:
             if isinstance(event, ProtocolError):

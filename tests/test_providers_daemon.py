@@ -294,6 +294,12 @@ def test_full_call(daemon, question, story_request, interruption, provider, rate
     else:  # Twilio has no from/to; Plivo and Vonage carry them as custom values
         assert provider == "twilio" or (meta["custom"]["from"], meta["custom"]["to"]) == (sim.from_number, sim.to_number)
     assert {k: meta["custom"][k] for k in CUSTOM} == CUSTOM
+    turns = [lat for lat in meta["latencies"] if "voice_to_voice" in lat]
+    assert turns
+    if provider in ("exotel", "twilio", "plivo", "telnyx"):
+        # voice-to-voice follows acknowledged playout: heard, not sent
+        for lat in turns:
+            assert lat["voice_to_voice"] >= lat["voice_to_voice_sent"] > 0
 
 
 def test_barge_in_cut_follows_acknowledged_marks(daemon, question, interruption):

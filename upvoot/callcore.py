@@ -341,6 +341,16 @@ class CallCore:
         }
         stages = {k: round(max(0.0, v), 4) for k, v in stages.items()}
         self.latencies.append(stages)
+        if reply.playback.marks:
+            # the provider acknowledges playout: voice-to-voice is when the
+            # caller started hearing the reply, not when we sent it
+            speech_end = t["speech_end"]
+            stages["voice_to_voice_sent"] = stages["voice_to_voice"]
+
+            def heard_from(start: float) -> None:
+                stages["voice_to_voice"] = round(max(0.0, start - speech_end), 4)
+
+            reply.playback.on_first_ack = heard_from
         self._log.info(
             "Turn latency {voice_to_voice:.3f}s (endpointing {endpointing:.3f}, transcription {transcription:.3f}, "
             "first token {first_token:.3f}, first audio {first_audio:.3f})",

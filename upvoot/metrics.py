@@ -2,8 +2,13 @@
 
 Why not the global ``prometheus_client.REGISTRY``: a registry per service
 keeps tests independent (two services in one process do not share
-counters) and keeps the process collector's figures out unless asked for.
-``upvoot.web`` serves it with ``generate_latest(registry)``.
+counters) and holds only what is asked for. The service asks for
+prometheus_client's ``ProcessCollector`` on it (``process=True``):
+``process_resident_memory_bytes``, ``process_open_fds``,
+``process_cpu_seconds_total``... read from /proc at scrape time; with
+``upvoot_reactor_delayed_calls`` these are the leak-hunting figures
+(``bench/soak.py`` watches them). ``upvoot.web`` serves it with
+``generate_latest(registry)``.
 
 Every name starts with ``upvoot_``. The service and the WebSocket adapter
 call the hooks below at the point where a thing happens; nothing here
@@ -23,13 +28,15 @@ touches the reactor, so collecting is synchronous and cheap.
 | upvoot_engine_errors_total | counter | engine |
 | upvoot_worker_queue_length | gauge | |
 | upvoot_points_charged_total | counter | |
+| upvoot_reactor_delayed_calls | gauge (timers pending on the reactor) | |
+| process_* (``process=True``) | ProcessCollector | |
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
 
@@ -42,8 +49,10 @@ _STAGE_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0
 class Metrics:
     """The metric objects, and one hook per thing that happens.
 
-    ``calls_active`` and ``worker_queue`` are read when the registry is
-    collected (a scrape), so they are never stale.
+    ``calls_active``, ``worker_queue`` and ``delayed_calls`` are read when
+    the registry is collected (a scrape), so they are never stale.
+    ``process``: register prometheus_client's ``ProcessCollector`` (this
+    process's memory, open fds, CPU) on this registry too.
     """
 
     def __init__(
@@ -51,6 +60,8 @@ class Metrics:
         calls_active: Callable[[], float] = lambda: 0,
         worker_queue: Callable[[], float] = lambda: 0,
         registry: CollectorRegistry | None = None,
+        delayed_calls: Callable[[], float] = lambda: 0,
+        process: bool = False,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -80,6 +91,13 @@ class Metrics:
         self.worker_queue.set_function(worker_queue)
         self.points_charged = Counter("upvoot_points_charged_total", "Points deducted from accounts for calls.",
                                       registry=r)
+        self.delayed_calls = Gauge("upvoot_reactor_delayed_calls",
+                                   "Timers pending on the reactor (len(reactor.getDelayedCalls())); a count that"
+                                   " grows while the calls do not is a timer leak.", registry=r)
+        self.delayed_calls.set_function(delayed_calls)
+        if process:
+            # its registry argument defaults to the global REGISTRY: always pass ours
+            ProcessCollector(registry=r)
 
     # ---------------------------------------------------------------- hooks
     def refused(self, status: int) -> None:

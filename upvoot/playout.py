@@ -57,6 +57,7 @@ class Playback:
         # providers that acknowledge playback: their marks are the clock
         self.marks = bool(getattr(sink, "marks_playout", False))
         self.acked = 0
+        self.on_first_ack: Callable[[float], None] | None = None
         self._last_mark = 0
         self._estimate_done_at: float | None = None
         lead = max(lead, float(getattr(sink, "min_lead", 0.0)))  # a provider's minimum chunk (Exotel)
@@ -130,7 +131,11 @@ class Playback:
 
     def acknowledge(self, position: int, now: float) -> None:
         """The provider says audio up to byte ``position`` has played."""
+        first = self.acked == 0 and position > 0
         self.acked = max(self.acked, position)
+        if first and self.on_first_ack is not None:
+            # when the caller started hearing it, by the provider's clock
+            self.on_first_ack(now - position / BYTES_PER_SECOND)
         self.pump(now)
 
     @property

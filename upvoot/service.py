@@ -81,7 +81,8 @@ class UpVootService(service.MultiService):
         self.clock = reactor
         self.store = storemod.Store(config.database, reactor)
         self.pool = WorkerPool(reactor, size=config.workers, queue_limit=config.worker_queue)
-        self.metrics = Metrics(calls_active=lambda: len(self.calls), worker_queue=lambda: self.pool.queued)
+        self.metrics = Metrics(calls_active=lambda: len(self.calls), worker_queue=lambda: self.pool.queued,
+                               delayed_calls=lambda: len(self.reactor.getDelayedCalls()), process=True)
         self.admin: Any = None  # the admin listener (add_admin_listener)
         self.pacer = Pacer(reactor, on_lag=self.metrics.pacing_lateness.observe)
         self.lag = LagMonitor(reactor, on_lag=self.metrics.reactor_lag.observe)

@@ -21,6 +21,7 @@ _FACTORIES: dict[tuple[str, str], str] = {
     ("tts", "espeak"): "upvoot.engines.espeak:factory",
     ("brain", "scripted"): "upvoot.engines.scripted:factory",
     ("brain", "openai"): "upvoot.engines.openai_llm:factory",
+    ("brain", "llamacpp"): "upvoot.engines.llamacpp:factory",
     ("stt", "openai"): "upvoot.engines.openai_speech:stt_factory",
     ("tts", "openai"): "upvoot.engines.openai_speech:tts_factory",
 }

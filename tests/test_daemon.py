@@ -403,3 +403,33 @@ def test_abuse_limits_refuse_with_429(tmp_path):
         other.close()
     finally:
         d.stop()
+
+
+def test_behind_a_proxy_protocol_balancer_the_callers_address_counts(tmp_path):
+    """haproxy: endpoints: the address from the PROXY header is the one the
+    logs and the failed-key limit use, not the balancer's."""
+    import socket as s
+
+    from tests.daemon import free_port
+
+    port = free_port()
+    d = Daemon(tmp_path, shipped_ini(auth_failure_limit="2"), listen=f"haproxy:tcp:{port}:interface=127.0.0.1")
+    d.port = port
+    d.start()
+
+    def upgrade_from(address: str) -> bytes:
+        with s.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(f"PROXY TCP4 {address} 127.0.0.1 40000 8080\r\n".encode()
+                         + b"GET /voice/uvk_" + b"q" * 32 + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\n\r\n")
+            return conn.recv(200)
+
+    try:
+        assert upgrade_from("203.0.113.7").startswith(b"HTTP/1.1 401")
+        assert upgrade_from("203.0.113.7").startswith(b"HTTP/1.1 401")
+        assert upgrade_from("203.0.113.7").startswith(b"HTTP/1.1 429"), "that caller is limited"
+        assert upgrade_from("198.51.100.9").startswith(b"HTTP/1.1 401"), "another caller is not"
+        assert "203.0.113.7" in d.log_text()
+    finally:
+        d.stop()

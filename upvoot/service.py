@@ -122,7 +122,7 @@ class UpVootService(service.MultiService):
         touched (closing a listening port leaves its connections open); new
         connections are refused for the moment between the two ports."""
         for i, (description, factory, old) in enumerate(list(getattr(self, "_listeners", []))):
-            if not description.startswith("ssl:"):
+            if not description.startswith(("ssl:", "haproxy:ssl:")):
                 continue
             try:
                 new = strports.service(description, factory)

@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 
+from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
@@ -162,6 +163,11 @@ class VoiceProtocol(WebSocketServerProtocol):
 
     # ------------------------------------------------------------ handshake
     def onConnect(self, request) -> defer.Deferred:
+        if not self.factory.trustXForwardedFor and self.transport is not None:
+            # Autobahn took the peer address when the connection was made;
+            # behind a PROXY-protocol endpoint (haproxy:) the real caller's
+            # address is only known once the PROXY header has been read.
+            self.peer = peer2str(self.transport)
         return defer.Deferred.fromCoroutine(self._authorize(request))
 
     async def _authorize(self, request) -> None:

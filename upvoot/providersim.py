@@ -44,6 +44,7 @@ Plivo and Vonage document none, so their ``stop()`` returns no frame and
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import itertools
@@ -182,7 +183,7 @@ def _sid(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
-class ProviderSim:
+class ProviderSim(abc.ABC):
     """One call as a provider makes it (subclassed per provider).
 
     Caller audio: :meth:`caller_audio` takes 16 kHz s16le of any length and
@@ -349,23 +350,28 @@ class ProviderSim:
         return []
 
     # -- per provider --------------------------------------------------------------------------
+    @abc.abstractmethod
     def _open(self) -> list[Frame]:
-        raise NotImplementedError
+        """Each provider's simulator says this in its own words."""
 
+    @abc.abstractmethod
     def _media(self, payload: bytes, chunk: int, timestamp: int) -> Frame:
-        raise NotImplementedError
+        """Each provider's simulator says this in its own words."""
 
+    @abc.abstractmethod
     def _dtmf(self, digit: str) -> Frame:
-        raise NotImplementedError
+        """Each provider's simulator says this in its own words."""
 
     def _stop(self) -> list[Frame]:
         return []
 
+    @abc.abstractmethod
     def _text(self, msg: dict, now: float) -> list[SimEvent]:
-        raise NotImplementedError
+        """Each provider's simulator says this in its own words."""
 
+    @abc.abstractmethod
     def _echo(self, name: str) -> Frame:
-        raise NotImplementedError
+        """Each provider's simulator says this in its own words."""
 
     def _cleared_answer(self) -> Frame | None:
         return None

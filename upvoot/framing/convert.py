@@ -25,6 +25,7 @@ they are pure and have no knowledge of any one provider.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import json
@@ -468,7 +469,7 @@ class Backlog:
 # ---- the half every provider codec shares --------------------------------------
 
 
-class ProviderFraming:
+class ProviderFraming(abc.ABC):
     """Common machinery of the provider codecs (subclassed per provider).
 
     Inbound: a subclass parses its messages and calls :meth:`_begin` when the
@@ -634,11 +635,14 @@ class ProviderFraming:
         return self.drain()
 
     # -- subclass hooks -------------------------------------------------------
+    @abc.abstractmethod
     def _media_frames(self, chunk: bytes) -> list[Frame]:
-        raise NotImplementedError
+        """The provider's own frame for this (each codec implements it)."""
 
+    @abc.abstractmethod
     def _mark_frame(self, name: str) -> Frame:
-        raise NotImplementedError
+        """The provider's own frame for this (each codec implements it)."""
 
+    @abc.abstractmethod
     def _clear_frame(self) -> Frame | None:
-        raise NotImplementedError
+        """The provider's own frame for this (each codec implements it)."""

@@ -4,7 +4,7 @@ A local OpenAI-compatible server (a twisted.web resource on a loopback port,
 in this process) streams a reply as Chat Completions server-sent events at a
 fixed token rate. The ``openai`` brain reads it over real HTTP; its pieces go
 through the call's sentence splitter to text-to-speech, the way
-``upvoot.call`` consumes a brain. Per run it measures:
+``upvoot.call.machine`` consumes a brain. Per run it measures:
 
 - delivery: the server writing the first token -> the brain yielding it
   (HTTP, SSE parsing, JSON);

@@ -32,7 +32,7 @@ from tests.daemon import BIN, Caller, Daemon, free_port, shipped_ini
 from upvoot.config import load_config
 from upvoot.logs import JSONLineObserver, json_observer
 from upvoot.metrics import STAGES, Metrics
-from upvoot.playout import Playback
+from upvoot.call.playout import Playback
 from upvoot.service import UpVootService
 from upvoot.store import StoreError
 from upvoot.tap import Options

@@ -7,8 +7,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from upvoot.audio import FRAME_BYTES
-from upvoot.call import EndReason, new_call, state_of
-from upvoot.playout import Pacer
+from upvoot.call.machine import EndReason, new_call, state_of
+from upvoot.call.playout import Pacer
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, WORD_SECONDS, agent_config, make_agent, quiet, speech
 
 STEP = 0.02

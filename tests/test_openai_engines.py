@@ -22,13 +22,13 @@ from twisted.web import resource, server
 
 from upvoot.agents import Agent
 from upvoot.audio import FRAME_BYTES, RATE, tone
-from upvoot.call import new_call, state_of
+from upvoot.call.machine import new_call, state_of
 from upvoot.engines import get_factory
 from upvoot.engines.interfaces import EngineBusy, EngineContext, EngineOptionError, EngineUnavailable, ReplyEndCall, ReplyText, Turn
 from upvoot.engines.openai import OpenAIError
 from upvoot.engines.openai_llm import build_messages
 from upvoot.engines.sse import Event, SSEParser
-from upvoot.playout import Pacer
+from upvoot.call.playout import Pacer
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, agent_config, make_agent, quiet, speech
 
 KEY = "sk-test-0123456789"

@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 
 from upvoot import recording
 from upvoot.audio import FRAME_BYTES, RATE
-from upvoot.call import new_call, state_of
+from upvoot.call.machine import new_call, state_of
 from upvoot.config import load_config
-from upvoot.playout import Pacer
+from upvoot.call.playout import Pacer
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, agent_config, make_agent, quiet, speech
 
 STEP = 0.02

@@ -36,9 +36,9 @@ from twisted.test import iosim
 from upvoot import store
 from upvoot.abuse import AbuseGuard
 from upvoot.audio import FRAME_BYTES
-from upvoot.call import state_of
+from upvoot.call.machine import state_of
 from upvoot.config import load_config
-from upvoot.playout import Pacer
+from upvoot.call.playout import Pacer
 from upvoot.testing import WORD_SECONDS, agent_config, make_agent, quiet
 from upvoot.ws import VoiceFactory, VoiceProtocol
 

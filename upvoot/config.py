@@ -295,7 +295,7 @@ def _parse_agent(path: str, section: str, name: str, items: Mapping[str, str], b
         except EngineOptionError as e:
             raise ConfigError(path, section, f"{kind}.{e.option}" if e.option else kind, e.message) from None
         specs[kind] = EngineSpec(kind, engine_name, settings)
-    # an empty line disables its timer (as in upvoot.call), so only check the timing of lines said
+    # an empty line disables its timer (as in upvoot.call.machine), so only check the timing of lines said
     if values["wrap_up_warning"] and values["wrap_up_before"] and values["wrap_up_before"] >= values["max_duration"]:
         raise ConfigError(path, section, "wrap_up_before", "must be shorter than max_duration")
     if (

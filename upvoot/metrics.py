@@ -107,7 +107,7 @@ class Metrics:
         self.calls_started.labels(provider=provider).inc()
 
     def call_ended(self, summary: Mapping[str, Any]) -> None:
-        """Count a call from its summary (``upvoot.call.CallCore.summary``
+        """Count a call from its summary (``upvoot.call.machine.CallCore.summary``
         plus the adapter's ``provider``)."""
         self.calls.labels(end_reason=summary["end_reason"], provider=summary.get("provider", "unknown")).inc()
         for turn in summary.get("latencies") or ():

@@ -32,7 +32,7 @@ from upvoot.agents import AgentRegistry
 from upvoot.config import Config
 from upvoot.engines.interfaces import EngineContext
 from upvoot.metrics import Metrics
-from upvoot.playout import Pacer
+from upvoot.call.playout import Pacer
 from upvoot.workers import WorkerPool
 
 

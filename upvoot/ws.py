@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from upvoot.abuse import peer_host
-from upvoot.call import new_call
+from upvoot.call.machine import new_call
 from upvoot.store import account_agents
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
 from upvoot.framing.detect import PROVIDERS, detect, make_framing

@@ -1,6 +1,6 @@
 """The seams between the call machine and the engines that hear, think and speak.
 
-The call machine (``upvoot.call``) only ever talks to these interfaces, so an
+The call machine (``upvoot.call.machine``) only ever talks to these interfaces, so an
 engine can be swapped per agent in the ini file without touching call logic.
 
 Audio everywhere inside UpVoot is 16 kHz mono signed 16-bit little-endian PCM

@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 from automat import TypeMachineBuilder
 
-from upvoot.callcore import CallCore, CallInputs, EndReason, Hearing, ICallOutput, Listening
-from upvoot.playout import Pacer
+from upvoot.call.core import CallCore, CallInputs, EndReason, Hearing, ICallOutput, Listening
+from upvoot.call.playout import Pacer
 
 __all__ = ["CallInputs", "CallCore", "EndReason", "ICallOutput", "new_call", "state_of", "CallMachine"]
 

@@ -1,7 +1,7 @@
 """What a call holds beyond its current state: the turn-taking, the
 replies being produced and played, the transcript, the limits' timers.
 
-``upvoot.call`` defines the state machine; its transitions call into
+``upvoot.call.machine`` defines the state machine; its transitions call into
 ``CallCore``, and ``CallCore`` feeds facts back to the machine through the
 ``CallInputs`` protocol. Nothing here knows which state the call is in, nor
 anything of Autobahn or providers: the output is an ``ICallOutput``, time is
@@ -23,10 +23,10 @@ from twisted.logger import Logger
 
 
 from upvoot.audio import FRAME_BYTES, duration
-from upvoot.endpointing import Confirmed, Discarded, Ended, Endpointer, Onset
+from upvoot.call.hearing import Confirmed, Discarded, Ended, Endpointer, Onset
 from upvoot.engines.interfaces import EngineBusy, ReplyEndCall, ReplyText, Turn
 from upvoot.engines.sentences import SentenceSplitter
-from upvoot.playout import Pacer, Playback
+from upvoot.call.playout import Pacer, Playback
 
 
 class EndReason(str, enum.Enum):

@@ -116,7 +116,7 @@ async def main(reactor, args) -> None:
     try:
         if args.tts == "piper":
             from upvoot.engines import piper
-            from upvoot.workers import WorkerPool
+            from upvoot.daemon.workers import WorkerPool
 
             pool = WorkerPool(reactor, size=1, queue_limit=8)
             pool.start()

@@ -61,7 +61,7 @@ from twisted.internet import defer, task  # noqa: E402
 from bench._common import QuestionCaller, machine_cpu_seconds, own_cpu_seconds, question_clips, react  # noqa: E402
 from bench.load import OUTCOMES, cpu_seconds, outcome  # noqa: E402
 from upvoot.dialing import Call, DialOptions, DialResult, start_call  # noqa: E402
-from upvoot.service import LagMonitor  # noqa: E402
+from upvoot.daemon.service import LagMonitor  # noqa: E402
 
 AGENT = "soak"
 SOAK_AGENT_OPTIONS = {

@@ -24,7 +24,7 @@ from twisted.internet import defer, task  # noqa: E402
 from upvoot import audio  # noqa: E402
 from upvoot.engines import piper, silero, whisper  # noqa: E402
 from upvoot.engines.interfaces import EngineContext  # noqa: E402
-from upvoot.workers import WorkerPool  # noqa: E402
+from upvoot.daemon.workers import WorkerPool  # noqa: E402
 
 LONG_TEXT = (
     "Thank you for calling the city library. Our opening hours are nine to six on weekdays, "

@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from upvoot.abuse import AbuseGuard, peer_host
+from upvoot.daemon.admission import AbuseGuard, peer_host
 
 
 def test_failed_keys_block_an_address_for_the_window_only():

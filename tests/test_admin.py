@@ -1,6 +1,6 @@
 """The admin listener (/healthz, /metrics), the metrics hooks, JSON logs.
 
-In memory: the real resources (``upvoot.web``) over ``treq.testing.StubTreq``
+In memory: the real resources (``upvoot.daemon.web``) over ``treq.testing.StubTreq``
 and a real ``UpVootService`` whose database is a fake and whose clock is a
 ``Clock``. Over real ports (slow): the real daemon with ``admin_listen`` on
 a free loopback port.
@@ -31,12 +31,12 @@ from twisted.python import usage
 from tests.daemon import BIN, Caller, Daemon, free_port, shipped_ini
 from upvoot.config import load_config
 from upvoot.logs import JSONLineObserver, json_observer
-from upvoot.metrics import STAGES, Metrics
+from upvoot.daemon.metrics import STAGES, Metrics
 from upvoot.call.playout import Playback
-from upvoot.service import UpVootService
+from upvoot.daemon.service import UpVootService
 from upvoot.store import StoreError
-from upvoot.tap import Options
-from upvoot.web import admin_resource
+from upvoot.daemon.tap import Options
+from upvoot.daemon.web import admin_resource
 
 ADMIN = "http://admin.invalid"
 
@@ -464,6 +464,6 @@ def test_twistd_with_the_json_logger_writes_json_lines(tmp_path):
             proc.communicate()
     lines += [json.loads(raw) for raw in rest.splitlines()]
     assert all({"time", "level", "namespace", "event", "message"} <= set(line) for line in lines)
-    assert any(line["namespace"] == "upvoot.service.UpVootService" for line in lines), lines
+    assert any(line["namespace"] == "upvoot.daemon.service.UpVootService" for line in lines), lines
     assert not any(line["level"] in ("error", "critical") for line in lines), lines
     assert proc.returncode in (0, -signal.SIGTERM), err

@@ -28,7 +28,7 @@ from twisted.internet.task import Clock
 from tests.daemon import Caller, Daemon, free_port, shipped_ini
 from tests.test_admin import Admin, FakeStore, value
 from upvoot.config import load_config
-from upvoot.service import UpVootService
+from upvoot.daemon.service import UpVootService
 
 HAS_PROC = os.path.isdir("/proc/self/fd")
 

@@ -35,7 +35,7 @@ from upvoot.config import ConfigError, load_config
 from upvoot.engines import get_factory
 from upvoot.engines import llamacpp
 from upvoot.engines.interfaces import EngineBusy, EngineContext, EngineOptionError, EngineUnavailable, ReplyText, Turn
-from upvoot.workers import WorkerPool
+from upvoot.daemon.workers import WorkerPool
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(

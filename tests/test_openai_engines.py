@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.web import resource, server
 
-from upvoot.agents import Agent
+from upvoot.daemon.agents import Agent
 from upvoot.audio import FRAME_BYTES, RATE, tone
 from upvoot.call.machine import new_call, state_of
 from upvoot.engines import get_factory

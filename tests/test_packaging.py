@@ -44,7 +44,7 @@ def test_wheel_ships_the_plugin_and_the_type_marker(wheel):
     names = set(wheel.namelist())
     assert "twisted/plugins/upvoot_plugin.py" in names
     assert "upvoot/py.typed" in names
-    assert "upvoot/tap.py" in names and "upvoot/engines/__init__.py" in names
+    assert "upvoot/daemon/tap.py" in names and "upvoot/engines/__init__.py" in names
 
 
 def test_wheel_does_not_own_the_twisted_packages(wheel):
@@ -66,7 +66,7 @@ def test_wheel_holds_only_upvoot_and_its_plugin(wheel):
 def test_plugin_file_is_tiny(wheel):
     text = wheel.read("twisted/plugins/upvoot_plugin.py").decode("utf-8")
     assert len(text.splitlines()) < 20
-    assert 'ServiceMaker("upvoot", "upvoot.tap"' in text
+    assert 'ServiceMaker("upvoot", "upvoot.daemon.tap"' in text
 
 
 def test_twisted_finds_the_upvoot_service_maker():
@@ -77,7 +77,7 @@ def test_twisted_finds_the_upvoot_service_maker():
     assert len(makers) == 1
     maker = makers[0]
 
-    from upvoot import tap
+    from upvoot.daemon import tap
 
     assert maker.options is tap.Options
     assert maker.makeService is tap.makeService

@@ -139,7 +139,7 @@ def test_the_plugin_sets_the_offline_environment_before_engines_load():
     import sys
 
     code = ("import os; os.environ.pop('ORT_DISABLE_TELEMETRY', None); os.environ.pop('HF_HUB_OFFLINE', None); "
-            "import upvoot.tap, sys; print(os.environ['ORT_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
+            "import upvoot.daemon.tap, sys; print(os.environ['ORT_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
             "'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "1", "False"]

@@ -1,4 +1,4 @@
-"""upvoot.service without models: admission, the lag monitor, and the
+"""upvoot.daemon.service without models: admission, the lag monitor, and the
 settlement at start of calls a dead process left active."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from upvoot import service as servicemod
+from upvoot.daemon import service as servicemod
 from upvoot import store
 from upvoot.config import load_config
-from upvoot.service import LagMonitor, UpVootService
+from upvoot.daemon.service import LagMonitor, UpVootService
 from upvoot.testing import agent_config, make_agent
 
 T0 = 1_700_000_000.0

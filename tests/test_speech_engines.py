@@ -32,7 +32,7 @@ from upvoot.engines.interfaces import (
     IVoiceActivityDetectorFactory,
 )
 from upvoot.engines.sentences import SentenceSplitter, split_sentences
-from upvoot.workers import WorkerPool
+from upvoot.daemon.workers import WorkerPool
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"

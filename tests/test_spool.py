@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from upvoot import recording, spool as spoolmod, store
 from upvoot.config import load_config
-from upvoot.service import UpVootService
+from upvoot.daemon.service import UpVootService
 
 
 def rec(call_id: str, points: int = 1, **kw) -> dict:

@@ -1,4 +1,4 @@
-"""upvoot.tap: ``twistd upvoot`` options, and a bad config stopping twistd before it daemonizes."""
+"""upvoot.daemon.tap: ``twistd upvoot`` options, and a bad config stopping twistd before it daemonizes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from twisted.python import usage
 
 from upvoot.config import ConfigError, load_config
-from upvoot.tap import Options
+from upvoot.daemon.tap import Options
 
 INI = """\
 [upvoot]

@@ -1,4 +1,4 @@
-"""upvoot.ws, the Autobahn adapter, without sockets.
+"""upvoot.daemon.ws, the Autobahn adapter, without sockets.
 
 Denied handshakes: raw HTTP upgrade bytes written into a ``VoiceProtocol``
 over an ``iosim.FakeTransport`` (a denied handshake never fires the client
@@ -34,13 +34,13 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from upvoot import store
-from upvoot.abuse import AbuseGuard
+from upvoot.daemon.admission import AbuseGuard
 from upvoot.audio import FRAME_BYTES
 from upvoot.call.machine import state_of
 from upvoot.config import load_config
 from upvoot.call.playout import Pacer
 from upvoot.testing import WORD_SECONDS, agent_config, make_agent, quiet
-from upvoot.ws import VoiceFactory, VoiceProtocol
+from upvoot.daemon.ws import VoiceFactory, VoiceProtocol
 
 NOW = 1_700_000_000.0
 STEP = 0.02
@@ -316,7 +316,7 @@ def test_key_for_an_agent_no_longer_configured_gets_503(world, captured):
 def test_a_store_failure_is_a_503_not_a_500(world, monkeypatch):
     # the failure is expected: log it to this test only, not to the checker in conftest
     events: list[dict] = []
-    monkeypatch.setattr(VoiceProtocol, "_log", Logger(namespace="upvoot.ws", observer=events.append))
+    monkeypatch.setattr(VoiceProtocol, "_log", Logger(namespace="upvoot.daemon.ws", observer=events.append))
     monkeypatch.setattr(world.service.store, "authenticate", lambda key: defer.fail(RuntimeError("disk on fire")))
     key = "uvk_" + "B" * 32
     _, _, out = raw_upgrade(world, f"/voice/{key}")

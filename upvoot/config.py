@@ -171,7 +171,7 @@ class Config:
     path: str
     state_dir: str
     listen: tuple[str, ...]
-    admin_listen: str  # health and metrics (upvoot.web); "" = none
+    admin_listen: str  # health and metrics (upvoot.daemon.web); "" = none
     database: str
     max_calls: int
     lag_budget: float

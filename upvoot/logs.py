@@ -7,7 +7,7 @@ needs no parsing rules:
 |---|---|
 | time | ISO 8601, UTC, milliseconds: ``2026-01-31T12:00:00.123+00:00`` |
 | level | ``debug``, ``info``, ``warn``, ``error`` or ``critical`` |
-| namespace | the logger's namespace (``upvoot.ws.VoiceProtocol``) |
+| namespace | the logger's namespace (``upvoot.daemon.ws.VoiceProtocol``) |
 | event | the stable event name our code passes (``call.ended``, ``auth.denied``), or null |
 | message | the human-readable text |
 | call_id | present when the event concerns a call |
@@ -15,7 +15,7 @@ needs no parsing rules:
 | data | the event's other fields that are plain JSON values (``reason``, ``duration``, ...) |
 
 Events from Twisted itself and from libraries have ``event: null``.
-API keys never reach the log in the first place (see ``upvoot.ws``).
+API keys never reach the log in the first place (see ``upvoot.daemon.ws``).
 """
 
 from __future__ import annotations

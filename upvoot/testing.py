@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from upvoot.agents import Agent, PhraseCache
+from upvoot.daemon.agents import Agent, PhraseCache
 from upvoot.audio import FRAME_BYTES, silence, tone
 from upvoot.config import AgentConfig, EngineSpec
 from upvoot.engines.energy import EnergySettings, EnergyVAD

@@ -68,7 +68,7 @@ class IEngineFactory(Interface):
 class EngineContext:
     """What engines may use: the shared worker pool and the reactor clock."""
 
-    pool: object  # upvoot.workers.WorkerPool
+    pool: object  # upvoot.daemon.workers.WorkerPool
     clock: object  # IReactorTime
 
 

@@ -59,14 +59,14 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from upvoot.service import UpVootService
-    from upvoot.ws import VoiceFactory
+    from upvoot.daemon.service import UpVootService
+    from upvoot.daemon.ws import VoiceFactory
 
     service = UpVootService(options.config, reactor)
     factory = VoiceFactory(service)
     service.add_listeners(options.endpoints, factory)
     if options.config.admin_listen:
-        from upvoot.web import admin_site
+        from upvoot.daemon.web import admin_site
 
         public = len(options.endpoints)
         # Factory.numPorts counts the ports listening with this factory

@@ -27,13 +27,13 @@ from twisted.logger import Logger
 from upvoot import recording
 from upvoot import spool as spoolmod
 from upvoot import store as storemod
-from upvoot.abuse import AbuseGuard
-from upvoot.agents import AgentRegistry
+from upvoot.daemon.admission import AbuseGuard
+from upvoot.daemon.agents import AgentRegistry
 from upvoot.config import Config
 from upvoot.engines.interfaces import EngineContext
-from upvoot.metrics import Metrics
+from upvoot.daemon.metrics import Metrics
 from upvoot.call.playout import Pacer
-from upvoot.workers import WorkerPool
+from upvoot.daemon.workers import WorkerPool
 
 
 class LagMonitor:
@@ -152,7 +152,7 @@ class UpVootService(service.MultiService):
             pass
 
     def add_admin_listener(self, description: str, factory: Any) -> None:
-        """The admin listener (``upvoot.web``) is not a child: it listens
+        """The admin listener (``upvoot.daemon.web``) is not a child: it listens
         first and closes last, so /healthz answers 503 while calls drain."""
         self.admin = strports.service(description, factory)
 

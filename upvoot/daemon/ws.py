@@ -36,12 +36,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from upvoot.abuse import peer_host
+from upvoot.daemon.admission import peer_host
 from upvoot.call.machine import new_call
 from upvoot.store import account_agents
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
 from upvoot.framing.detect import PROVIDERS, detect, make_framing
-from upvoot.metrics import Metrics
+from upvoot.daemon.metrics import Metrics
 
 _REASONS = {
     401: "Unauthorized",
@@ -495,7 +495,7 @@ class VoiceFactory(WebSocketServerFactory):
     def __init__(self, service: Any, url: str = "ws://localhost/") -> None:
         super().__init__(url, server="UpVoot")
         self.service = service
-        # the service's metrics (upvoot.metrics); a service without them (a unit-test fake) gets a private set
+        # the service's metrics (upvoot.daemon.metrics); a service without them (a unit-test fake) gets a private set
         self.metrics = getattr(service, "metrics", None) or Metrics()
         ws = service.config.websocket
         self.setProtocolOptions(

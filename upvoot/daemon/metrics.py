@@ -7,7 +7,7 @@ prometheus_client's ``ProcessCollector`` on it (``process=True``):
 ``process_resident_memory_bytes``, ``process_open_fds``,
 ``process_cpu_seconds_total``... read from /proc at scrape time; with
 ``upvoot_reactor_delayed_calls`` these are the leak-hunting figures
-(``bench/soak.py`` watches them). ``upvoot.web`` serves it with
+(``bench/soak.py`` watches them). ``upvoot.daemon.web`` serves it with
 ``generate_latest(registry)``.
 
 Every name starts with ``upvoot_``. The service and the WebSocket adapter

@@ -34,7 +34,7 @@ from upvoot.logs import JSONLineObserver, json_observer
 from upvoot.daemon.metrics import STAGES, Metrics
 from upvoot.call.playout import Playback
 from upvoot.daemon.service import UpVootService
-from upvoot.store import StoreError
+from upvoot.ledger.store import StoreError
 from upvoot.daemon.tap import Options
 from upvoot.daemon.web import admin_resource
 

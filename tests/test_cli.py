@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from upvoot import store
+from upvoot.ledger import store
 from upvoot.cli import main
-from upvoot.store import CallRecord, CallStart
+from upvoot.ledger.store import CallRecord, CallStart
 
 KEY_RE = re.compile(r"uvk_[A-Za-z0-9_-]{32}")
 T0 = 1_700_000_000.0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from twisted.internet.task import Clock
 
-from upvoot import recording
+from upvoot.ledger import recordings as recording
 from upvoot.audio import FRAME_BYTES, RATE
 from upvoot.call.machine import new_call, state_of
 from upvoot.config import load_config

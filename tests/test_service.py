@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from upvoot.daemon import service as servicemod
-from upvoot import store
+from upvoot.ledger import store
 from upvoot.config import load_config
 from upvoot.daemon.service import LagMonitor, UpVootService
 from upvoot.testing import agent_config, make_agent

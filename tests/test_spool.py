@@ -14,7 +14,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from upvoot import recording, spool as spoolmod, store
+from upvoot.ledger import recordings as recording
+from upvoot.ledger import spool as spoolmod
+from upvoot.ledger import store
 from upvoot.config import load_config
 from upvoot.daemon.service import UpVootService
 

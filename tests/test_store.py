@@ -1,4 +1,4 @@
-"""upvoot.store: the transaction functions (run synchronously) and the
+"""upvoot.ledger.store: the transaction functions (run synchronously) and the
 daemon's ``Store`` (run on the adbapi pool under the real reactor)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from upvoot import store
-from upvoot.store import CallRecord, CallStart, KeyInfo, StoreError, UnknownAccount
+from upvoot.ledger import store
+from upvoot.ledger.store import CallRecord, CallStart, KeyInfo, StoreError, UnknownAccount
 
 T0 = 1_700_000_000.0
 

@@ -11,8 +11,8 @@ and ``Pacer``), Autobahn's timers on txaio's loop (``replace_loop``), and the
 memory reactor the client agent connects through. Only the call's clock must
 be empty when a call is over.
 
-Keys are real: made by ``upvoot.store.create_key`` in a fresh SQLite file and
-looked up with ``upvoot.store.lookup_key``, inline instead of on a thread.
+Keys are real: made by ``upvoot.ledger.store.create_key`` in a fresh SQLite file and
+looked up with ``upvoot.ledger.store.lookup_key``, inline instead of on a thread.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from upvoot import store
+from upvoot.ledger import store
 from upvoot.daemon.admission import AbuseGuard
 from upvoot.audio import FRAME_BYTES
 from upvoot.call.machine import state_of

@@ -2,7 +2,7 @@
 
 Commands that use the database read the daemon's ini file (``--config`` or
 the ``UPVOOT_CONFIG`` environment variable) to find it, and run the same
-transaction functions as the daemon (``upvoot.store``), so they are safe to
+transaction functions as the daemon (``upvoot.ledger.store``), so they are safe to
 use while it runs.
 
 Output is meant for scripts: ``keys create`` prints the key alone,
@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from upvoot import store
+from upvoot.ledger import store
 
 CONFIG_ENV = "UPVOOT_CONFIG"
 EXIT_FAILURE = 1

@@ -144,7 +144,7 @@ class AgentConfig:
     points_per_increment: int
     billing_increment: float
     engines: Mapping[str, EngineSpec]
-    record: bool = False  # stereo WAV of the call (upvoot.recording)
+    record: bool = False  # stereo WAV of the call (upvoot.ledger.recordings)
 
     def fixed_lines(self) -> tuple[str, ...]:
         """Lines the agent may say verbatim: synthesized once and cached."""

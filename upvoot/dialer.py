@@ -277,7 +277,7 @@ def options_from_args(args: argparse.Namespace) -> DialOptions:
 
 async def _print_record(reactor: Any, config_path: str, result: DialResult, printer: Printer) -> None:
     """The daemon's record of this call, once settled: print its transcript."""
-    from upvoot import store
+    from upvoot.ledger import store
     from upvoot.config import load_config
 
     try:

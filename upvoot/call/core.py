@@ -185,7 +185,7 @@ class CallCore:
         self.call_id = call_id or uuid.uuid4().hex
         self.lead = lead
         self.log_transcripts = log_transcripts
-        self.recorder = recorder  # upvoot.recording.CallRecorder, or None
+        self.recorder = recorder  # upvoot.ledger.recordings.CallRecorder, or None
         cfg = agent.config
         self.detector = agent.vad.new_detector()
         self.endpointer = Endpointer(cfg.end_of_turn, cfg.min_utterance, cfg.max_utterance, cfg.barge_in_min)

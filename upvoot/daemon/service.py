@@ -24,9 +24,9 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from upvoot import recording
-from upvoot import spool as spoolmod
-from upvoot import store as storemod
+from upvoot.ledger import recordings as recording
+from upvoot.ledger import spool as spoolmod
+from upvoot.ledger import store as storemod
 from upvoot.daemon.admission import AbuseGuard
 from upvoot.daemon.agents import AgentRegistry
 from upvoot.config import Config

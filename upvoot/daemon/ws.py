@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from upvoot.daemon.admission import peer_host
 from upvoot.call.machine import new_call
-from upvoot.store import account_agents
+from upvoot.ledger.store import account_agents
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
 from upvoot.framing.detect import PROVIDERS, detect, make_framing
 from upvoot.daemon.metrics import Metrics

@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from upvoot import store as storemod
+from upvoot.ledger import store as storemod
 
 _MODE = 0o660  # call records are personal data, like the database
 

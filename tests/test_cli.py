@@ -234,10 +234,10 @@ def fake_dialer(monkeypatch):
         seen["args"] = args
         return 3
 
-    module = types.ModuleType("upvoot.dialer")
+    module = types.ModuleType("upvoot.dial.command")
     module.configure_parser = configure_parser
     module.run = run_dial
-    monkeypatch.setitem(sys.modules, "upvoot.dialer", module)
+    monkeypatch.setitem(sys.modules, "upvoot.dial.command", module)
     return seen
 
 
@@ -254,6 +254,6 @@ def test_dial_help_and_errors_come_from_the_dialer(capsys, fake_dialer):
 
 
 def test_cli_imports_neither_config_nor_dialer_until_needed():
-    code = "import sys, upvoot.cli; print(sorted(m for m in sys.modules if m in ('upvoot.config', 'upvoot.dialer')))"
+    code = "import sys, upvoot.cli; print(sorted(m for m in sys.modules if m in ('upvoot.config', 'upvoot.dial.command')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -27,7 +27,8 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
-from upvoot import audio, dialer
+from upvoot import audio
+from upvoot.dial import command as dialer
 
 TONE_HZ = 440.0
 LEAD_FRAMES = 3

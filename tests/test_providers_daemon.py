@@ -1,5 +1,5 @@
 """Full calls against the real daemon where the client speaks a telephony
-provider's own protocol (``upvoot.providersim``): Exotel at 8 and 16 kHz,
+provider's own protocol (``upvoot.dial.providers``): Exotel at 8 and 16 kHz,
 Twilio, Plivo, Telnyx (L16 by URL ``codec``) and Vonage. Slow: real engines,
 real time."""
 
@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 from tests.daemon import BIN, Caller, Daemon, shipped_ini, synthesize
 from upvoot import audio
 from upvoot.config import load_config
-from upvoot.providersim import AgentAudio, Cleared, MarkSent, Violation, make_sim
+from upvoot.dial.providers import AgentAudio, Cleared, MarkSent, Violation, make_sim
 
 pytestmark = pytest.mark.slow
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_calls_show)
 
     # The dialer's own arguments are parsed later by its own parser, so that
-    # upvoot.dialer is only imported when it is used.
+    # upvoot.dial.command is only imported when it is used.
     commands.add_parser(
         "dial",
         add_help=False,
@@ -190,7 +190,7 @@ def _dial(argv: list[str]) -> int:
     try:
         import importlib
 
-        dialer = importlib.import_module("upvoot.dialer")
+        dialer = importlib.import_module("upvoot.dial.command")
     except ImportError as e:
         return _fail(f"the dial command is not available: {e}", EXIT_FAILURE)
     parser = _Parser(

@@ -5,12 +5,12 @@
 thin Autobahn adapter. ``dial(reactor, options)`` returns a Deferred that
 fires with a ``DialResult`` and never fails for network reasons, so tests
 and ``bench/load.py`` drive calls without ``sys.exit``. The command line
-around it is ``upvoot.dialer``.
+around it is ``upvoot.dial.command``.
 
 Protocols: with ``DialOptions.provider == "raw"`` (the default) the call
 speaks UpVoot's raw protocol (``upvoot.framing.raw``). With a provider name
 (``exotel``, ``twilio``, ``plivo``, ``telnyx``, ``vonage``) it speaks that
-provider's protocol through ``upvoot.providersim``: the URL gains
+provider's protocol through ``upvoot.dial.providers``: the URL gains
 ``?provider=NAME`` (and ``sample-rate`` / ``codec`` where they apply), the
 provider's opening messages go out on open, the 20 ms caller frames become
 the provider's media messages, agent media is decoded back to 16 kHz, marks
@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from upvoot.audio import FRAME_BYTES, FRAME_MS, RATE, duration
 from upvoot.framing.base import Frame
-from upvoot.providersim import AgentAudio, Cleared, MarkSent, ProviderSim, Violation, make_sim
+from upvoot.dial.providers import AgentAudio, Cleared, MarkSent, ProviderSim, Violation, make_sim
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,7 +86,7 @@ class DialOptions:
     cafile: str | None = None
     insecure: bool = False
     connect_timeout: float = 10.0
-    #: "raw" or a provider whose protocol to speak (``upvoot.providersim``)
+    #: "raw" or a provider whose protocol to speak (``upvoot.dial.providers``)
     provider: str = "raw"
     sample_rate: int | None = None
     codec: str | None = None
@@ -139,7 +139,7 @@ class DialResult:
     #: marks the server asked for, clears it sent (provider calls)
     marks: int = 0
     clears: int = 0
-    #: the server broke one of the provider's rules (see ``upvoot.providersim``)
+    #: the server broke one of the provider's rules (see ``upvoot.dial.providers``)
     violations: list[str] = attrs.field(factory=list)
 
     @property

@@ -3,7 +3,7 @@
 By default it speaks UpVoot's raw protocol (``upvoot.framing.raw`` holds the
 wire contract) from the provider's side; ``--provider NAME`` (exotel,
 twilio, plivo, telnyx, vonage) speaks that provider's own protocol instead,
-through ``upvoot.providersim`` (``--sample-rate`` and ``--codec`` where the
+through ``upvoot.dial.providers`` (``--sample-rate`` and ``--codec`` where the
 provider offers a choice, ``--custom KEY=VALUE`` for its custom parameters):
 
 - connects to ``ws://`` or ``wss://HOST/voice/<api-key>`` (``--cafile`` trusts
@@ -37,7 +37,7 @@ files; 3 the server refused the upgrade (``refused: HTTP 401``).
 
 Layout: this module is the command line and its printing; the call itself
 (``Call``, ``dial``, ``start_call``, ``DialOptions``, ``DialResult``,
-``Playout``) lives in ``upvoot.dialing`` and is re-exported here.
+``Playout``) lives in ``upvoot.dial.engine`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from autobahn.websocket.util import parse_url
 from twisted.internet import defer, task
 
 from upvoot.audio import duration, read_wav, write_wav
-from upvoot.dialing import (  # noqa: F401  (re-exported: tests and bench/load.py use them from here)
+from upvoot.dial.engine import (  # noqa: F401  (re-exported: tests and bench/load.py use them from here)
     BURST_GAP,
     EXIT_FAILED,
     EXIT_OK,
@@ -80,7 +80,7 @@ from upvoot.dialing import (  # noqa: F401  (re-exported: tests and bench/load.p
     start_call,
     tls_options,
 )
-from upvoot.providersim import PROVIDERS
+from upvoot.dial.providers import PROVIDERS
 
 #: how long to wait for the daemon to settle the call record (--config)
 RECORD_WAIT = 10.0
@@ -244,7 +244,7 @@ def options_from_args(args: argparse.Namespace) -> DialOptions:
     if provider != "raw":
         if args.end_call_after is not None:
             raise ValueError("--end-call-after sends the raw protocol's end_call; providers end with --hangup-after")
-        from upvoot.providersim import make_sim
+        from upvoot.dial.providers import make_sim
 
         make_sim(provider, args.sample_rate, args.codec)  # ValueError for a rate or codec it does not offer
     play = b""

@@ -26,7 +26,7 @@ from upvoot.framing.base import (
     ProtocolError,
 )
 from upvoot.framing.convert import Chunker, Decoder, Encoder, Outbound
-from upvoot.framing.detect import detect, make_framing
+from upvoot.framing.negotiate import detect, make_framing
 from upvoot.framing.exotel import ExotelFraming
 from upvoot.framing.plivo import PlivoFraming
 from upvoot.framing.raw import RawFraming

@@ -40,7 +40,7 @@ from upvoot.daemon.admission import peer_host
 from upvoot.call.machine import new_call
 from upvoot.ledger.store import account_agents
 from upvoot.framing.base import CallerAudio, CallStarted, CallStopped, Dtmf, EndCallRequested, PlayoutMark, ProtocolError
-from upvoot.framing.detect import PROVIDERS, detect, make_framing
+from upvoot.framing.negotiate import PROVIDERS, detect, make_framing
 from upvoot.daemon.metrics import Metrics
 
 _REASONS = {

@@ -1,0 +1,51 @@
+"""The call's outbound side: what a call does to its phone line.
+
+The call core writes to an ``ILine`` and never asks what is behind it. The
+daemon implements it over a socket and a provider framing
+(``upvoot.daemon.line``); tests implement it with a list.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ILine(Interface):
+    """Agent audio, playout marks, clear, and the control messages."""
+
+    acknowledges_playout = Attribute(
+        "bool: the far end acknowledges marks (``ICallHandle.playout_acknowledged``), "
+        "so its marks, not our estimate, are the clock of what the caller has heard")
+    min_lead = Attribute(
+        "float, seconds: the least audio to keep ahead of the caller's ear "
+        "(a provider's minimum chunk size); 0.0 when the line has none")
+
+    def audio_start() -> None:
+        """The agent starts speaking."""
+
+    def audio(pcm: bytes) -> None:
+        """Agent audio: 16 kHz mono s16le, a multiple of 2 bytes."""
+
+    def audio_end(interrupted: bool) -> None:
+        """The agent stopped speaking (``interrupted``: by a barge-in)."""
+
+    def mark(name: str, last: bool) -> None:
+        """Ask the far end to acknowledge ``name`` once the audio sent so far
+        has played. ``last``: the utterance's final mark, so any audio the
+        line still holds back (a partial provider chunk) must leave now.
+        Only called when ``acknowledges_playout`` is true."""
+
+    def clear() -> None:
+        """Drop agent audio the far end has buffered but not yet played."""
+
+    def transcript(role: str, text: str) -> None:
+        """A final transcript line (``role``: ``caller`` or ``agent``)."""
+
+    def interim(text: str) -> None:
+        """A partial transcript of the caller's speech in progress."""
+
+    def turn_start() -> None:
+        """The caller's turn was understood; the agent starts its reply."""
+
+    def close() -> None:
+        """The call is over: flush what is pending and close the line."""

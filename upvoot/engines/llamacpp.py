@@ -1,54 +1,58 @@
 """``brain = llamacpp``: a GGUF chat model run in the daemon's own process
-with llama-cpp-python, for operators who have an instruction-tuned GGUF and
-no server to run it on.
+with llama.cpp, through the ``xllamacpp`` binding (a prebuilt wheel: nothing
+is compiled at install).
 
-The model is loaded once, at build time (in the start-up thread). Each turn
-formats the same ``messages`` as ``brain = openai`` (``build_messages``: the
-system prompt, then the last ``history_turns`` turns) and streams
-``Llama.create_chat_completion(stream=True)``.
+The model is loaded once, at build time (in the start-up thread), into an
+``xllamacpp.Server``: llama.cpp's own server loop, in its own thread, without
+an HTTP listener. Each turn formats the same ``messages`` as ``brain =
+openai`` (``build_messages``: the system prompt, then the last
+``history_turns`` turns) and streams a Chat Completions request through
+``Server.handle_chat_completions``, which applies the model's chat template.
 
-Threads: generation never runs on the reactor. It is advanced by jobs on
-the shared worker pool (``context.pool``), each job pulling the next few
-tokens (up to ``CHUNK_TOKENS``, or as many as came within
-``CHUNK_SECONDS`` once there is one) and handing them back to the reactor,
-where the reply coroutine reads them. The next job is queued as soon as one
-returns, so generation does not stall while the call synthesizes speech;
-what is waiting to be read is bounded by ``max_tokens``. No pool thread is
-held while the call is busy elsewhere, and the pool's own limits (queue,
-``EngineBusy``) apply to the brain like to speech.
+Threads: generation never runs on the reactor. llama.cpp computes in its
+server thread with ``threads`` compute threads; the streaming call that
+waits for its chunks is a job on the shared worker pool (``context.pool``),
+so the pool's limits (queue, ``EngineBusy``) apply to the brain like to
+speech. Each text piece is handed to the reactor as it comes
+(``callFromThread``), where the reply coroutine reads it.
 
-One generation at a time per model: a llama.cpp context is not
-thread-safe and holds one conversation's KV cache, so turns of different
-calls that share the model take turns on a ``DeferredLock`` (a waiting turn
-can be cancelled). The lock is released when the worker thread has really
-left the model, not merely when the consumer went away.
+One generation at a time per model (the server has one slot): turns of
+different calls that share the model take turns on a ``DeferredLock`` (a
+waiting turn can be cancelled). The lock is released when the job has
+really left the model, not merely when the consumer went away.
 
 Cancellation (barge-in, hang-up): cancelling the consuming coroutine sets a
-stop flag that the job's token loop checks after every token, so generation
-stops within one token (the prompt's evaluation, before the first token,
-cannot be interrupted); the generator is closed and the lock released.
+stop flag that the stream's callback returns after every token, so llama.cpp
+cancels the generation within one token (the prompt's evaluation, before the
+first token, cannot be interrupted).
 
-A prompt longer than ``n_ctx`` (llama-cpp-python refuses it) is retried with
-the oldest turns dropped, down to the caller's last turn.
+A prompt longer than ``n_ctx`` (the server refuses it) is retried with the
+oldest turns dropped, down to the caller's last turn.
 
-No ``end_call`` tool: tool calling in llama-cpp-python depends on the chat
-format of each model. Calls end on the caller, the agent's limits or the
-client's ``end_call``.
+``end_call``: the same tool as ``brain = openai`` is offered to the model
+when ``end_call_tool`` says so: ``auto`` (the default) offers it when the
+GGUF's own chat template handles tools (it mentions ``tools``), ``yes``
+always (llama.cpp then describes the tool in a generic way), ``no`` never.
+A built-in ``chat_format`` has no tool support.
+
+Compute threads: llama.cpp's CPU backend uses OpenMP, whose workers spin
+while they wait; more threads than free cores (the default on some builds)
+slows generation by an order of magnitude on a busy machine. ``threads``
+sets llama.cpp's thread count and, before the binding is first imported,
+``OMP_NUM_THREADS`` (unless the operator set it).
 
 Options (``brain.*``): ``model`` (the .gguf file, required, relative to
 state_dir), ``n_ctx`` (2048), ``threads`` (1: keep the sum of compute
 threads at the number of cores), ``max_tokens`` (200), ``temperature``
-(0.7), ``history_turns`` (20), ``chat_format`` (llama-cpp-python's name of
-a chat format, e.g. ``chatml``; default: the template in the GGUF).
-
-llama-cpp-python has no Linux wheel on PyPI and builds from source; see
-``INSTALL_HINT`` (also in every error about it).
+(0.7), ``history_turns`` (20), ``chat_format`` (a llama.cpp built-in chat
+template, e.g. ``chatml``; default: the template in the GGUF),
+``end_call_tool`` (auto).
 """
 
 from __future__ import annotations
 
-import collections
 import importlib.util
+import json
 import os
 import time
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -59,33 +63,33 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from upvoot.engines.gguf import GGUFError, chat_template
 from upvoot.engines.interfaces import (
     EngineContext,
     EngineOptionError,
     EngineUnavailable,
     IEngineFactory,
     ILanguageModel,
+    ReplyEndCall,
     ReplyText,
     Turn,
 )
-from upvoot.engines.openai_llm import build_messages
-from upvoot.engines.options import parse_float, parse_int, parse_path, reject_unknown
+from upvoot.engines.openai_llm import END_CALL_TOOL, _Chunks, _StreamError, build_messages
+from upvoot.engines.options import parse_bool, parse_float, parse_int, parse_path, reject_unknown
 
 ENGINE = "brain llamacpp"
 
-#: How to install llama-cpp-python portably (no AMX/native code paths, which
-#: crash on some processors; no cached wheel built with other flags).
-INSTALL_HINT = (
-    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
-    '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" '
-    "pip install --no-cache-dir 'upvoot[llamacpp]'"
+#: How to install the binding: an ordinary extra, a prebuilt wheel.
+INSTALL_HINT = "pip install 'upvoot[llamacpp]'"
+
+#: llama.cpp's built-in chat templates (``chat_format``), for models whose
+#: GGUF carries none or a wrong one.
+BUILTIN_FORMATS = (
+    "chatglm3", "chatglm4", "chatml", "command-r", "deepseek", "deepseek2", "deepseek3", "exaone3", "falcon3",
+    "gemma", "gigachat", "granite", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "llama3",
+    "megrez", "minicpm", "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "monarch", "openchat",
+    "orion", "phi3", "phi4", "rwkv-world", "vicuna", "vicuna-orca", "zephyr",
 )
-
-#: A pool job returns after this many tokens...
-CHUNK_TOKENS = 8
-#: ...or once it has at least one token and has run this long.
-CHUNK_SECONDS = 0.05
-
 
 @attrs.frozen
 class LlamaCppSettings:
@@ -96,26 +100,16 @@ class LlamaCppSettings:
     temperature: float = 0.7
     history_turns: int = 20
     chat_format: str | None = None
+    end_call_tool: str = "auto"
 
 
 def installed() -> bool:
-    """Whether llama-cpp-python is there (without importing it)."""
-    return importlib.util.find_spec("llama_cpp") is not None
+    """Whether the binding is there (without importing it)."""
+    return importlib.util.find_spec("xllamacpp") is not None
 
 
-def _content(chunk: Any) -> str:
-    """The text of one streamed chat chunk (``choices[0].delta.content``)."""
-    try:
-        choice = chunk["choices"][0]
-    except (KeyError, IndexError, TypeError):
-        return ""
-    delta = choice.get("delta") or {}
-    text = delta.get("content")
-    return text if isinstance(text, str) else ""
-
-
-def _context_overflow(error: BaseException) -> bool:
-    return isinstance(error, ValueError) and "context window" in str(error)
+class _ContextOverflow(Exception):
+    """The server refused the prompt: it does not fit ``n_ctx``."""
 
 
 def _trim(messages: list[dict]) -> list[dict] | None:
@@ -133,29 +127,28 @@ def _trim(messages: list[dict]) -> list[dict] | None:
 
 
 class _Generation:
-    """One reply being generated. The reactor side (``next``, ``stop``,
-    the job callbacks) runs on the reactor; ``chunks`` (llama-cpp-python's
-    generator) is touched by one worker thread at a time, or by the reactor
-    when no job is in flight."""
+    """One reply being generated. ``pieces``, ``next`` and ``wake`` belong
+    to the reactor; the worker thread only reads ``stop_requested`` and
+    hands pieces over with ``callFromThread``."""
 
-    def __init__(self, messages: list[dict]) -> None:
-        self.messages = messages
-        self.chunks: Any = None  # the llama-cpp-python stream, once opened
-        self.stop_requested = False  # read by the worker thread after every token
+    def __init__(self, body: dict) -> None:
+        self.body = body
+        self.stop_requested = False  # returned by the stream callback after every token
+        self.stopped_early = False  # the stream was stopped before the model ended it (worker thread)
         self.tokens = 0  # content pieces generated (worker thread)
         self.trimmed = 0  # turns dropped to fit n_ctx (worker thread)
-        self.pieces: collections.deque[str] = collections.deque()
+        self.pieces: list[str] = []
+        self.end_call: dict | None = None  # the end_call tool's arguments, if the model called it
         self.finished = False  # the model is released (generation over)
         self.done = defer.Deferred()  # fires (None) when finished; for tests and logs
         self.error: Failure | None = None
-        self.in_flight = False
         self._waiter: defer.Deferred | None = None
 
     # --- the reader (the reply coroutine)
     def next(self) -> defer.Deferred:
         """Fires with the next text piece, or None at the end."""
         if self.pieces:
-            return defer.succeed(self.pieces.popleft())
+            return defer.succeed(self.pieces.pop(0))
         if self.finished:
             if self.error is not None:
                 error, self.error = self.error, None
@@ -169,13 +162,18 @@ class _Generation:
             self._waiter = None
         self.stop()
 
+    def add(self, text: str) -> None:
+        """A piece from the worker (on the reactor, by ``callFromThread``)."""
+        self.pieces.append(text)
+        self.wake()
+
     def wake(self) -> None:
         """Hand the reader what it waits for, if it is there."""
         if self._waiter is None:
             return
         if self.pieces:
             d, self._waiter = self._waiter, None
-            d.callback(self.pieces.popleft())
+            d.callback(self.pieces.pop(0))
         elif self.finished:
             d, self._waiter = self._waiter, None
             if self.error is not None:
@@ -191,117 +189,134 @@ class _Generation:
 
 @implementer(ILanguageModel)
 class LlamaCppLanguageModel:
-    """Streams replies from a GGUF model loaded in this process."""
+    """Streams replies from a GGUF model loaded in this process.
+
+    ``server`` is an ``xllamacpp.Server`` (or anything with its
+    ``handle_chat_completions(json_str, callback)``: the callback gets each
+    streamed chunk as a JSON string and returns True to stop)."""
 
     _log = Logger()
 
-    def __init__(self, settings: LlamaCppSettings, llama: Any, pool: Any) -> None:
+    def __init__(self, settings: LlamaCppSettings, server: Any, pool: Any, reactor: Any, tools: bool = False) -> None:
         self.settings = settings
-        self.llama = llama
+        self.server = server
         self.pool = pool
+        self.reactor = reactor  # IReactorFromThreads: pieces are handed over with callFromThread
+        self.tools = tools
         self.lock = defer.DeferredLock()
         self.last: _Generation | None = None  # the latest generation (tests, diagnostics)
 
     # ------------------------------------------------------------ reactor side
     async def reply(self, system_prompt: str, history: Sequence[Turn]) -> AsyncIterator[object]:
         s = self.settings
-        messages = build_messages(system_prompt, history, s.history_turns)
+        body: dict = {
+            "messages": build_messages(system_prompt, history, s.history_turns),
+            "stream": True, "max_tokens": s.max_tokens, "temperature": s.temperature,
+        }
+        if self.tools:
+            body["tools"] = [END_CALL_TOOL]
         await self.lock.acquire()  # cancellable while waiting
-        gen = _Generation(messages)
+        gen = _Generation(body)
         self.last = gen
         started = time.monotonic()
-        self._next_job(gen)
+        job = self.pool.run(self._generate, gen)
+        job.addCallbacks(self._generated, self._failed, callbackArgs=(gen,), errbackArgs=(gen,))
+        spoke = False
         try:
             while True:
                 text = await gen.next()
                 if text is None:
                     break
+                spoke = spoke or bool(text.strip())
                 yield ReplyText(text)
         finally:
             # synchronous only: this also runs when the generator is closed
             # after its consumer was cancelled (no awaiting in here)
             gen.stop()
+        if gen.end_call is not None:
+            if not spoke:
+                goodbye = gen.end_call.get("goodbye")
+                yield ReplyText(goodbye.strip() if isinstance(goodbye, str) and goodbye.strip() else "Goodbye.")
+            yield ReplyEndCall("agent")
         if gen.trimmed:
             self._log.info("{engine}: dropped {n} oldest turns to fit n_ctx={n_ctx}", event="brain.history_trimmed",
                            engine=ENGINE, n=gen.trimmed, n_ctx=s.n_ctx)
         self._log.debug("Reply of {tokens} pieces generated in {secs:.3f}s", event="brain.reply_streamed",
                         tokens=gen.tokens, secs=time.monotonic() - started)
 
-    def _next_job(self, gen: _Generation) -> None:
-        gen.in_flight = True
-        d = self.pool.run(self._pull, gen)
-        d.addCallbacks(self._pulled, self._failed, callbackArgs=(gen,), errbackArgs=(gen,))
-
-    def _pulled(self, result: tuple[list[str], bool], gen: _Generation) -> None:
-        gen.in_flight = False
-        texts, finished = result
-        gen.pieces.extend(texts)
-        if finished or gen.stop_requested:
-            self._finish(gen)
-        else:
-            self._next_job(gen)
-        gen.wake()
+    def _generated(self, end_call: dict | None, gen: _Generation) -> None:
+        gen.end_call = end_call if self.tools else None
+        if gen.stopped_early:
+            self._log.info("{engine}: generation stopped after {tokens} tokens (barge-in or hang-up)",
+                           event="brain.generation_stopped", engine=ENGINE, tokens=gen.tokens)
+        self._finish(gen)
 
     def _failed(self, failure: Failure, gen: _Generation) -> None:
-        gen.in_flight = False
         gen.error = failure
         self._finish(gen)
-        gen.wake()
 
     def _finish(self, gen: _Generation) -> None:
-        """No job is in flight: close the stream and free the model."""
+        """The job has left the model: free it for the next turn."""
         if gen.finished:
             return
-        if gen.chunks is not None:
-            try:
-                gen.chunks.close()
-            except Exception:
-                self._log.failure("Closing a llama.cpp stream failed", event="brain.close_failed")
-            gen.chunks = None
         gen.finished = True
         self.lock.release()
+        gen.wake()
         gen.done.callback(None)
 
     # ---------------------------------------------------------- worker side
-    def _pull(self, gen: _Generation) -> tuple[list[str], bool]:
-        """On a worker thread: the next few text pieces, and whether the
-        generation is over. Checks the stop flag after every token."""
-        texts: list[str] = []
-        started = time.monotonic()
+    def _generate(self, gen: _Generation) -> dict | None:
+        """On a worker thread: stream the whole reply, handing each piece to
+        the reactor; returns the ``end_call`` tool's arguments, if called.
+        When the prompt does not fit ``n_ctx``, drop the oldest turns and
+        try again."""
         while not gen.stop_requested:
             try:
-                chunk = next(gen.chunks) if gen.chunks is not None else self._open(gen)
-            except StopIteration:
-                return texts, True
-            text = _content(chunk)
-            if text:
-                texts.append(text)
-                gen.tokens += 1
-                if len(texts) >= CHUNK_TOKENS or time.monotonic() - started >= CHUNK_SECONDS:
-                    return texts, False
-        return texts, True
-
-    def _open(self, gen: _Generation) -> Any:
-        """Start the stream and return its first chunk; when the prompt does
-        not fit ``n_ctx``, drop the oldest turns and try again."""
-        s = self.settings
-        messages = gen.messages
-        while True:
-            stream = self.llama.create_chat_completion(
-                messages=messages, stream=True, max_tokens=s.max_tokens, temperature=s.temperature,
-            )
-            chunks = iter(stream)
-            try:
-                first = next(chunks)  # evaluates the prompt
-            except ValueError as e:
-                shorter = _trim(messages) if _context_overflow(e) else None
+                return self._stream(gen)
+            except _ContextOverflow:
+                shorter = _trim(gen.body["messages"])
                 if shorter is None:
                     raise
-                messages = shorter
+                gen.body = {**gen.body, "messages": shorter}
                 gen.trimmed += 1
-                continue
-            gen.chunks = chunks
-            return first
+        return None
+
+    def _stream(self, gen: _Generation) -> dict | None:
+        chunks = _Chunks()
+        errors: list[str] = []
+
+        def on_chunk(data: str) -> bool:
+            try:
+                obj = json.loads(data)
+                if isinstance(obj, dict) and obj.get("error"):
+                    errors.append(_error_text(obj["error"]))
+                    return True
+                texts = chunks.parse(data)
+            except _StreamError as e:
+                errors.append(str(e))
+                return True
+            except (ValueError, TypeError, AttributeError) as e:
+                errors.append(f"malformed chunk {data[:80]!r} ({e})")
+                return True
+            for text in texts:
+                gen.tokens += 1
+                self.reactor.callFromThread(gen.add, text)
+            if gen.stop_requested:
+                gen.stopped_early = True
+            return gen.stop_requested
+
+        self.server.handle_chat_completions(json.dumps(gen.body), on_chunk)
+        if errors:
+            if "context size" in errors[0] or "context window" in errors[0]:
+                raise _ContextOverflow(errors[0])
+            raise RuntimeError(f"{ENGINE}: {errors[0]}")
+        return chunks.end_call()
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:300]
+    return str(error)[:300]
 
 
 @implementer(IEngineFactory)
@@ -309,7 +324,8 @@ class LlamaCppFactory:
     kind = "brain"
     name = "llamacpp"
 
-    _KNOWN = {"model", "n_ctx", "threads", "max_tokens", "temperature", "history_turns", "chat_format"}
+    _KNOWN = {"model", "n_ctx", "threads", "max_tokens", "temperature", "history_turns", "chat_format",
+              "end_call_tool"}
 
     def parse_options(self, options: Mapping[str, str], base_dir: str) -> LlamaCppSettings:
         reject_unknown(options, self._KNOWN)
@@ -326,7 +342,7 @@ class LlamaCppFactory:
         if magic != b"GGUF":
             raise EngineOptionError("model", f"{path} is not a GGUF file")
         if not installed():
-            raise EngineOptionError("", f"brain = llamacpp needs llama-cpp-python, which is not installed. Install it with: {INSTALL_HINT}")
+            raise EngineOptionError("", f"brain = llamacpp needs xllamacpp, which is not installed. Install it with: {INSTALL_HINT}")
         s = LlamaCppSettings(path)
         if "n_ctx" in options:
             s = attrs.evolve(s, n_ctx=parse_int(options, "n_ctx", 256, 1 << 20))
@@ -340,35 +356,65 @@ class LlamaCppFactory:
             s = attrs.evolve(s, temperature=parse_float(options, "temperature", 0.0, 2.0))
         if "history_turns" in options:
             s = attrs.evolve(s, history_turns=parse_int(options, "history_turns", 1, 10000))
-        if "chat_format" in options:
-            s = attrs.evolve(s, chat_format=options["chat_format"].strip() or None)
+        if options.get("chat_format", "").strip():
+            name = options["chat_format"].strip()
+            if name not in BUILTIN_FORMATS:
+                raise EngineOptionError("chat_format", f"unknown chat format {name!r} (choose from: {', '.join(BUILTIN_FORMATS)})")
+            s = attrs.evolve(s, chat_format=name)
+        if "end_call_tool" in options:
+            if options["end_call_tool"].strip().lower() == "auto":
+                s = attrs.evolve(s, end_call_tool="auto")
+            else:
+                s = attrs.evolve(s, end_call_tool="yes" if parse_bool(options, "end_call_tool") else "no")
         return s
+
+    def offers_tool(self, settings: LlamaCppSettings) -> bool:
+        """Whether the model is offered the ``end_call`` tool."""
+        if settings.end_call_tool != "auto":
+            return settings.end_call_tool == "yes"
+        if settings.chat_format is not None:
+            return False
+        try:
+            template = chat_template(settings.model)
+        except GGUFError:
+            return False
+        return template is not None and "tools" in template
 
     def build(self, settings: LlamaCppSettings, context: EngineContext) -> LlamaCppLanguageModel:
         log = Logger(namespace=__name__)
+        # before the first import: OpenMP reads it when the library loads
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads))
         try:
-            import llama_cpp
+            import xllamacpp
         except ImportError as e:
-            raise EngineUnavailable(f"{ENGINE}: llama-cpp-python cannot be imported ({e}). Install it with: {INSTALL_HINT}") from None
+            raise EngineUnavailable(f"{ENGINE}: xllamacpp cannot be imported ({e}). Install it with: {INSTALL_HINT}") from None
+        params = xllamacpp.CommonParams()
+        params.model.path = settings.model
+        params.n_ctx = settings.n_ctx
+        params.n_parallel = 1  # one generation at a time per model
+        params.n_predict = settings.max_tokens
+        params.cpuparams.n_threads = settings.threads
+        params.cpuparams_batch.n_threads = settings.threads
+        params.warmup = False
+        params.verbosity = -1  # llama.cpp writes its own log to stderr otherwise
         if settings.chat_format is not None:
-            try:
-                llama_cpp.llama_chat_format.get_chat_completion_handler(settings.chat_format)
-            except Exception as e:
-                raise EngineUnavailable(f"{ENGINE}: chat_format {settings.chat_format!r}: {e}") from None
+            params.use_jinja = False
+            params.chat_template = settings.chat_format
+        else:
+            params.use_jinja = True  # the GGUF's own Jinja template (tool calls need it)
+        tools = self.offers_tool(settings)
         started = time.monotonic()
         try:
-            llama = llama_cpp.Llama(
-                model_path=settings.model, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                n_threads_batch=settings.threads, chat_format=settings.chat_format, verbose=False,
-            )
+            server = xllamacpp.Server(params)
         except (ValueError, RuntimeError, OSError) as e:
             raise EngineUnavailable(f"{ENGINE}: cannot load {settings.model}: {e}") from None
-        log.info("{engine}: loaded {model} in {secs:.2f}s (chat format {fmt}, n_ctx {n_ctx}, {threads} threads)",
-                 event="brain.model_loaded", engine=ENGINE, model=settings.model, secs=time.monotonic() - started,
-                 fmt=getattr(llama, "chat_format", None), n_ctx=settings.n_ctx, threads=settings.threads)
-        return LlamaCppLanguageModel(settings, llama, context.pool)
+        log.info("{engine}: loaded {model} in {secs:.2f}s (chat format {fmt}, n_ctx {n_ctx}, {threads} threads, "
+                 "end_call tool {tools})", event="brain.model_loaded", engine=ENGINE, model=settings.model,
+                 secs=time.monotonic() - started, fmt=settings.chat_format or "from the GGUF", n_ctx=settings.n_ctx,
+                 threads=settings.threads, tools="offered" if tools else "not offered")
+        return LlamaCppLanguageModel(settings, server, context.pool, context.clock, tools=tools)
 
 
 factory = LlamaCppFactory()
 
-__all__ = ["factory", "INSTALL_HINT", "LlamaCppSettings", "LlamaCppLanguageModel"]
+__all__ = ["factory", "INSTALL_HINT", "BUILTIN_FORMATS", "LlamaCppSettings", "LlamaCppLanguageModel"]

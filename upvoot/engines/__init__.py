@@ -1,7 +1,14 @@
-"""Engine registry: which ini value selects which factory.
+"""The engines: voice activity, speech-to-text, brains, text-to-speech.
 
-Factories are imported lazily (by dotted path) so the daemon never imports a
-model library it is not configured to use.
+Owns: the engine interfaces (``interfaces``), the registry of factories
+(here: which ini value selects which factory), every engine and the parsers
+of its ``KIND.*`` options. Factories are imported lazily (by dotted path) so
+the daemon never imports a model library it is not configured to use.
+
+Engines know neither socket nor call: they never import ``upvoot.daemon``,
+``upvoot.call``, ``upvoot.framing``, ``upvoot.ledger``, ``upvoot.dial`` or
+Autobahn. Model work runs on the worker pool they are given, never on the
+reactor.
 """
 
 from __future__ import annotations

@@ -41,12 +41,9 @@ slows generation by an order of magnitude on a busy machine. ``threads``
 sets llama.cpp's thread count and, before the binding is first imported,
 ``OMP_NUM_THREADS`` (unless the operator set it).
 
-Options (``brain.*``): ``model`` (the .gguf file, required, relative to
-state_dir), ``n_ctx`` (2048), ``threads`` (1: keep the sum of compute
-threads at the number of cores), ``max_tokens`` (200), ``temperature``
-(0.7), ``history_turns`` (20), ``chat_format`` (a llama.cpp built-in chat
-template, e.g. ``chatml``; default: the template in the GGUF),
-``end_call_tool`` (auto).
+Options (``brain.*``, documented in etc/upvoot.ini): ``model``, ``n_ctx``,
+``threads``, ``max_tokens``, ``temperature``, ``history_turns``,
+``chat_format`` (a llama.cpp built-in template), ``end_call_tool``.
 """
 
 from __future__ import annotations
@@ -63,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from upvoot.engines.generation import Generation
 from upvoot.engines.gguf import GGUFError, chat_template
 from upvoot.engines.interfaces import (
     EngineContext,
@@ -126,67 +124,6 @@ def _trim(messages: list[dict]) -> list[dict] | None:
     return head + turns
 
 
-class _Generation:
-    """One reply being generated. ``pieces``, ``next`` and ``wake`` belong
-    to the reactor; the worker thread only reads ``stop_requested`` and
-    hands pieces over with ``callFromThread``."""
-
-    def __init__(self, body: dict) -> None:
-        self.body = body
-        self.stop_requested = False  # returned by the stream callback after every token
-        self.stopped_early = False  # the stream was stopped before the model ended it (worker thread)
-        self.tokens = 0  # content pieces generated (worker thread)
-        self.trimmed = 0  # turns dropped to fit n_ctx (worker thread)
-        self.pieces: list[str] = []
-        self.end_call: dict | None = None  # the end_call tool's arguments, if the model called it
-        self.finished = False  # the model is released (generation over)
-        self.done = defer.Deferred()  # fires (None) when finished; for tests and logs
-        self.error: Failure | None = None
-        self._waiter: defer.Deferred | None = None
-
-    # --- the reader (the reply coroutine)
-    def next(self) -> defer.Deferred:
-        """Fires with the next text piece, or None at the end."""
-        if self.pieces:
-            return defer.succeed(self.pieces.pop(0))
-        if self.finished:
-            if self.error is not None:
-                error, self.error = self.error, None
-                return defer.fail(error)
-            return defer.succeed(None)
-        self._waiter = defer.Deferred(self._cancelled)
-        return self._waiter
-
-    def _cancelled(self, d: defer.Deferred) -> None:
-        if self._waiter is d:
-            self._waiter = None
-        self.stop()
-
-    def add(self, text: str) -> None:
-        """A piece from the worker (on the reactor, by ``callFromThread``)."""
-        self.pieces.append(text)
-        self.wake()
-
-    def wake(self) -> None:
-        """Hand the reader what it waits for, if it is there."""
-        if self._waiter is None:
-            return
-        if self.pieces:
-            d, self._waiter = self._waiter, None
-            d.callback(self.pieces.pop(0))
-        elif self.finished:
-            d, self._waiter = self._waiter, None
-            if self.error is not None:
-                error, self.error = self.error, None
-                d.errback(error)
-            else:
-                d.callback(None)
-
-    def stop(self) -> None:
-        """Ask the worker to stop after the token it is on (idempotent)."""
-        self.stop_requested = True
-
-
 @implementer(ILanguageModel)
 class LlamaCppLanguageModel:
     """Streams replies from a GGUF model loaded in this process.
@@ -204,7 +141,7 @@ class LlamaCppLanguageModel:
         self.reactor = reactor  # IReactorFromThreads: pieces are handed over with callFromThread
         self.tools = tools
         self.lock = defer.DeferredLock()
-        self.last: _Generation | None = None  # the latest generation (tests, diagnostics)
+        self.last: Generation | None = None  # the latest generation (tests, diagnostics)
 
     # ------------------------------------------------------------ reactor side
     async def reply(self, system_prompt: str, history: Sequence[Turn]) -> AsyncIterator[object]:
@@ -216,7 +153,7 @@ class LlamaCppLanguageModel:
         if self.tools:
             body["tools"] = [END_CALL_TOOL]
         await self.lock.acquire()  # cancellable while waiting
-        gen = _Generation(body)
+        gen = Generation(body)
         self.last = gen
         started = time.monotonic()
         job = self.pool.run(self._generate, gen)
@@ -244,18 +181,18 @@ class LlamaCppLanguageModel:
         self._log.debug("Reply of {tokens} pieces generated in {secs:.3f}s", event="brain.reply_streamed",
                         tokens=gen.tokens, secs=time.monotonic() - started)
 
-    def _generated(self, end_call: dict | None, gen: _Generation) -> None:
+    def _generated(self, end_call: dict | None, gen: Generation) -> None:
         gen.end_call = end_call if self.tools else None
         if gen.stopped_early:
             self._log.info("{engine}: generation stopped after {tokens} tokens (barge-in or hang-up)",
                            event="brain.generation_stopped", engine=ENGINE, tokens=gen.tokens)
         self._finish(gen)
 
-    def _failed(self, failure: Failure, gen: _Generation) -> None:
+    def _failed(self, failure: Failure, gen: Generation) -> None:
         gen.error = failure
         self._finish(gen)
 
-    def _finish(self, gen: _Generation) -> None:
+    def _finish(self, gen: Generation) -> None:
         """The job has left the model: free it for the next turn."""
         if gen.finished:
             return
@@ -265,7 +202,7 @@ class LlamaCppLanguageModel:
         gen.done.callback(None)
 
     # ---------------------------------------------------------- worker side
-    def _generate(self, gen: _Generation) -> dict | None:
+    def _generate(self, gen: Generation) -> dict | None:
         """On a worker thread: stream the whole reply, handing each piece to
         the reactor; returns the ``end_call`` tool's arguments, if called.
         When the prompt does not fit ``n_ctx``, drop the oldest turns and
@@ -281,7 +218,7 @@ class LlamaCppLanguageModel:
                 gen.trimmed += 1
         return None
 
-    def _stream(self, gen: _Generation) -> dict | None:
+    def _stream(self, gen: Generation) -> dict | None:
         chunks = _Chunks()
         errors: list[str] = []
 
@@ -314,9 +251,7 @@ class LlamaCppLanguageModel:
 
 
 def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error)[:300]
-    return str(error)[:300]
+    return str(error.get("message") or error if isinstance(error, dict) else error)[:300]
 
 
 @implementer(IEngineFactory)

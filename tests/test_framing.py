@@ -20,8 +20,10 @@ from upvoot.framing.base import (
     CallStarted,
     CallStopped,
     Dtmf,
+    FRAMING_MEMBERS,
     EndCallRequested,
     Frame,
+    Framing,
     PlayoutMark,
     ProtocolError,
 )
@@ -934,3 +936,96 @@ def _outbound_obeys_rules(spec, ops, seed):
         elif msg.get("action") == "notify":
             sent.append(msg["payload"]["name"])
     assert sent == [f"m{i}" for i in range(marks_made)]  # every mark, once, in order
+
+
+# ---- the whole Framing contract ------------------------------------------------------
+
+ALL_CODECS = [("raw", RawFraming)] + [(s.name, s.make) for s in SPECS]
+
+
+@pytest.mark.parametrize("name,make", ALL_CODECS, ids=[n for n, _ in ALL_CODECS])
+def test_every_codec_provides_the_whole_framing_contract(name, make):
+    codec = make()
+    assert isinstance(codec, Framing)  # runtime-checkable Protocol: every member present
+    for member in FRAMING_MEMBERS:
+        assert hasattr(type(codec), member) or hasattr(codec, member), member
+    assert codec.name == name and isinstance(codec.acknowledges_playout, bool)
+    assert isinstance(codec.min_lead, float) and codec.min_lead >= 0.0
+    # nothing held, nothing due on a fresh codec
+    assert codec.flush() == [] and codec.drain() == []
+    for frames in (codec.audio_start(), codec.audio(bytes(640)), codec.mark("m1"), codec.flush(), codec.drain(),
+                   codec.clear(), codec.audio_end(False), codec.transcript("agent", "hi"), codec.interim("h"),
+                   codec.turn_start(), codec.event("error", message="x")):
+        assert isinstance(frames, list) and all(isinstance(f, Frame) for f in frames)
+
+
+def test_exotel_min_lead_follows_its_chunk_once_started():
+    spec = next(s for s in SPECS if s.name == "exotel")
+    assert ExotelFraming().min_lead == 0.0
+    codec = spec.started()
+    assert codec.min_lead == pytest.approx(3200 / 16000 + 0.05)  # 200 ms chunk at 8 kHz + resampler block
+
+
+def test_the_provider_base_lives_in_provider_py_and_convert_is_audio_only():
+    from upvoot.framing import convert, provider
+
+    for name in ("ProviderFraming", "MarkBook", "Backlog"):
+        assert getattr(provider, name).__module__ == "upvoot.framing.provider"
+        assert not hasattr(convert, name)
+    for helper in ("load_object", "pick", "text", "integer", "b64decode", "json_frame", "string_dict", "rate_param"):
+        assert not hasattr(convert, helper)
+    for cls in (ExotelFraming, TwilioFraming, PlivoFraming, TelnyxFraming, VonageFraming):
+        assert issubclass(cls, provider.ProviderFraming)
+
+
+# ---- bounded JSON (issue 9 item 8) -----------------------------------------------------
+
+DEEP = "[" * 50000
+
+
+@pytest.mark.parametrize("name,make", ALL_CODECS, ids=[n for n, _ in ALL_CODECS])
+def test_deep_json_is_a_protocol_error_before_and_during_the_call(name, make):
+    codec = make()
+    for deep in (DEEP, "[" * 25000 + "]" * 25000, '{"a":' * 20000 + "1" + "}" * 20000):
+        [error] = codec.receive_text(deep)  # first frame
+        assert isinstance(error, ProtocolError)
+    spec = next((s for s in SPECS if s.name == name), None)
+    codec = spec.started() if spec else make()
+    for deep in (DEEP, "[" * 25000 + "]" * 25000, "{" * 40000):
+        [error] = codec.receive_text(deep)  # mid-call
+        assert isinstance(error, ProtocolError), error
+    if spec is not None:  # and the call goes on: media is still decoded, audio still sent
+        events = [e for n in range(7, 17) for e in feed(codec, spec.inbound(bytes(640), n))]
+        assert events and all(isinstance(e, CallerAudio) for e in events), events
+        assert codec.audio(bytes(16000)) + codec.flush()
+
+
+def test_json_bounds_depth_and_size():
+    from upvoot.framing.jsonwire import MAX_DEPTH, MAX_TEXT, loads, nesting_error
+
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert loads(ok) is not None and not isinstance(loads(ok), ProtocolError)
+    too_deep = "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)
+    assert loads(too_deep) == ProtocolError(f"text frame is nested deeper than {MAX_DEPTH} levels")
+    assert loads(DEEP) == ProtocolError("text frame is not JSON")
+    assert loads("not json") == ProtocolError("text frame is not JSON")
+    assert isinstance(loads("x" * (MAX_TEXT + 1)), ProtocolError)
+    # brackets inside strings and escaped quotes do not count as nesting
+    shallow = json.dumps({"s": "[" * 5000 + '\\"{' * 100, "n": [[1, 2], {"a": "]]]"}]})
+    assert nesting_error(shallow) is None and loads(shallow)["n"] == [[1, 2], {"a": "]]]"}]
+    assert nesting_error(json.dumps([[[[["x"]]]]] * 100)) is None
+
+
+def test_json_depth_check_is_linear_on_hostile_text():
+    import time
+
+    from upvoot.framing.jsonwire import MAX_TEXT, loads
+
+    n = MAX_TEXT
+    hostile = ['"\\"' * (n // 3), "[" * n, "[]" * (n // 2), "[" * (n // 2) + "]" * (n // 2), '"' * n,
+               "[" * 40 + '"' + "\\" * (n - 100)]
+    started = time.perf_counter()
+    for text in hostile:
+        result = loads(text)
+        assert isinstance(result, (ProtocolError, list, str))
+    assert time.perf_counter() - started < 1.0

@@ -11,7 +11,7 @@ rate, base64, chunking) and keeps any conversion state across frames.
 
 from __future__ import annotations
 
-from typing import Protocol, Union
+from typing import Protocol, Union, runtime_checkable
 
 import attrs
 
@@ -87,13 +87,20 @@ class Frame:
         return isinstance(self.payload, bytes)
 
 
+@runtime_checkable
 class Framing(Protocol):
-    """What every provider codec implements (see ``upvoot.framing.raw``)."""
+    """The whole contract of a provider codec (``upvoot.framing.raw`` is the
+    simplest): every codec provides every member, so an adapter never asks
+    what a codec can do. Frames returned must be sent in order."""
 
+    #: the provider's name ("raw", "twilio", ...)
     name: str
     #: True when the provider acknowledges playback with marks, so the call
     #: may use them as the clock of what the caller has heard.
     acknowledges_playout: bool
+    #: seconds of agent audio the pacer must hand over at once for the first
+    #: chunk to leave at once (providers with large minimum chunks); 0.0 when none
+    min_lead: float
 
     def receive_text(self, text: str) -> list[Event]: ...
 
@@ -111,6 +118,18 @@ class Framing(Protocol):
 
     def mark(self, name: str) -> list[Frame]: ...
 
+    def flush(self) -> list[Frame]:
+        """All audio of the utterance has been handed over: frames held back
+        (a partial chunk, the marks after it) must leave now; [] when nothing
+        is held."""
+        ...
+
+    def drain(self) -> list[Frame]:
+        """Frames made due by receiving (e.g. output queued before the
+        provider's start); the adapter calls it after each ``receive_*``.
+        [] when none."""
+        ...
+
     def clear(self) -> list[Frame]:
         """Drop audio the provider has buffered but not yet played."""
         ...
@@ -125,3 +144,10 @@ class Framing(Protocol):
         """Any other server notice (e.g. ``error``); codecs without a channel
         for it return []."""
         ...
+
+
+#: every member of the contract, for checks
+FRAMING_MEMBERS = (
+    "name", "acknowledges_playout", "min_lead", "receive_text", "receive_binary", "audio_start", "audio",
+    "audio_end", "mark", "flush", "drain", "clear", "transcript", "interim", "turn_start", "event",
+)

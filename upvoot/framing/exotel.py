@@ -90,31 +90,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from upvoot.framing.base import CallStarted, CallStopped, Dtmf, Event, Frame, ProtocolError
-from upvoot.framing.convert import (
-    Chunker,
-    Decoder,
-    Outbound,
-    ProviderFraming,
-    b64decode,
-    b64encode,
-    bytes_per_sample,
-    json_frame,
-    load_object,
-    parse_rate,
-    pick,
-    rate_param,
-    silence_byte,
-    string_dict,
-    text,
-)
+from upvoot.framing.base import Event, Frame, ProtocolError
+from upvoot.framing.convert import Chunker, Decoder, Outbound, bytes_per_sample, silence_byte
+from upvoot.framing.jsonwire import b64encode, json_frame, parse_rate, pick, rate_param, string_dict, text
+from upvoot.framing.provider import Handler, ProviderFraming
 
 RATES = (8000, 16000, 24000)
 DEFAULT_RATE = 8000
 MIN_CHUNK = 3200
 MAX_CHUNK = 100_000
 MULTIPLE = 320
-_IGNORED = ("connected", "clear", "silence")
 
 
 def _codec(encoding: str | None) -> str:
@@ -128,7 +113,9 @@ def _codec(encoding: str | None) -> str:
 
 class ExotelFraming(ProviderFraming):
     name = "exotel"
+    title = "Exotel"
     acknowledges_playout = True
+    IGNORED = ("connected", "clear", "silence")
 
     def __init__(self, sample_rate: int | None = None) -> None:
         super().__init__()
@@ -146,39 +133,26 @@ class ExotelFraming(ProviderFraming):
         return cls(sample_rate=None if raw in (None, "") else rate_param(params, RATES, DEFAULT_RATE))
 
     # frames in -----------------------------------------------------------
-    def receive_binary(self, data: bytes) -> list[Event]:
-        return [ProtocolError("Exotel sends no binary frames")]
-
-    def receive_text(self, frame: str) -> list[Event]:
-        msg = load_object(frame)
-        if isinstance(msg, ProtocolError):
-            return [msg]
+    def _event_name(self, msg: dict) -> str | None:
         kind = text(pick(msg, "event"))
-        if kind is None:
-            return [ProtocolError("message without an event")]
-        kind = kind.lower()
-        if kind == "media":
-            return self._media(msg)
-        if kind == "start":
-            return self._start(msg)
-        if kind == "mark":
-            return self._mark_echo(pick(pick(msg, "mark"), "name"))
-        if kind == "dtmf":
-            digit = text(pick(pick(msg, "dtmf"), "digit"))
-            return [Dtmf(digit)] if digit else [ProtocolError("dtmf without a digit")]
-        if kind == "stop":
-            reason = text(pick(pick(msg, "stop"), "reason")) or text(pick(msg, "reason")) or "stopped"
-            return self._end_of_stream() + [CallStopped(reason)]
-        if kind in _IGNORED:
-            return []
-        return [ProtocolError(f"unknown Exotel event {kind[:40]!r}")]
+        return None if kind is None else kind.lower()
 
-    def _start(self, msg: dict) -> list[Event]:
-        if self._started:
-            return [ProtocolError("duplicate start (ignored)")]
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "media": lambda msg: self._media_audio(pick(msg, "media")),
+            "start": self._start_message,
+            "mark": lambda msg: self._mark_echo(pick(pick(msg, "mark"), "name")),
+            "dtmf": lambda msg: self._digit(pick(pick(msg, "dtmf"), "digit")),
+            "stop": lambda msg: self._stop(
+                msg, text(pick(pick(msg, "stop"), "reason")) or text(pick(msg, "reason")) or "stopped"
+            ),
+        }
+
+    def _start_body(self, msg: dict) -> object:
         start = pick(msg, "start")
-        if not isinstance(start, dict):
-            start = msg
+        return start if isinstance(start, dict) else msg
+
+    def _start(self, msg: dict, start: dict) -> list[Event]:
         events: list[Event] = []
         fmt = pick(start, "media_format", "mediaFormat")
         given = pick(fmt, "sample_rate", "sampleRate")
@@ -188,26 +162,12 @@ class ExotelFraming(ProviderFraming):
         rate = rate or self._url_rate or DEFAULT_RATE
         codec = _codec(text(pick(fmt, "encoding")))
         self.stream_sid = text(pick(start, "stream_sid", "streamSid")) or text(pick(msg, "stream_sid", "streamSid"))
-        if self.stream_sid is None:
-            events.append(ProtocolError("start without stream_sid"))
-        self._begin(Decoder(codec, rate), Outbound(codec, rate, _chunker(codec, rate)))
-        events.append(
-            CallStarted(
-                provider=self.name,
-                call_id=text(pick(start, "call_sid", "callSid")),
-                stream_id=self.stream_sid,
-                from_number=text(pick(start, "from")),
-                to_number=text(pick(start, "to")),
-                custom=string_dict(pick(start, "custom_parameters", "customParameters")),
-            )
+        return self._open_stream(
+            events, Decoder(codec, rate), Outbound(codec, rate, _chunker(codec, rate)), missing="stream_sid",
+            call_id=text(pick(start, "call_sid", "callSid")), stream_id=self.stream_sid,
+            from_number=text(pick(start, "from")), to_number=text(pick(start, "to")),
+            custom=string_dict(pick(start, "custom_parameters", "customParameters")),
         )
-        return events
-
-    def _media(self, msg: dict) -> list[Event]:
-        payload = b64decode(pick(pick(msg, "media"), "payload"))
-        if isinstance(payload, ProtocolError):
-            return [payload]
-        return self._caller_audio(payload)
 
     # frames out ----------------------------------------------------------
     def _message(self, event: str, **body: object) -> Frame:

@@ -51,22 +51,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from upvoot.framing.base import CallStarted, CallStopped, Dtmf, Event, Frame, ProtocolError
-from upvoot.framing.convert import (
-    Chunker,
-    Decoder,
-    Outbound,
-    ProviderFraming,
-    b64decode,
-    b64encode,
-    bytes_per_sample,
-    integer,
-    json_frame,
-    load_object,
-    pick,
-    silence_byte,
-    text,
-)
+from upvoot.framing.base import Event, Frame, ProtocolError
+from upvoot.framing.convert import Decoder, Outbound
+from upvoot.framing.jsonwire import b64encode, integer, json_frame, pick, text
+from upvoot.framing.provider import Handler, ProviderFraming, frames_of_20ms
 
 RATES = (8000, 16000)
 
@@ -88,7 +76,9 @@ def _extra_headers(raw: object) -> dict:
 
 class PlivoFraming(ProviderFraming):
     name = "plivo"
+    title = "Plivo"
     acknowledges_playout = True
+    INBOUND_TRACKS = ("inbound",)
 
     def __init__(self, l16_byte_order: str = "little") -> None:
         super().__init__()
@@ -103,45 +93,27 @@ class PlivoFraming(ProviderFraming):
         return cls(l16_byte_order=params.get("l16-byte-order", params.get("l16_byte_order", "little")))
 
     # frames in -----------------------------------------------------------
-    def receive_binary(self, data: bytes) -> list[Event]:
-        return [ProtocolError("Plivo sends no binary frames")]
+    def _handlers(self) -> dict[str, Handler]:
+        mark = lambda msg: self._mark_echo(msg.get("name"))  # noqa: E731
+        return {
+            "media": self._media,
+            "start": self._start_message,
+            "playedStream": mark,
+            "played": mark,
+            "clearedAudio": self._cleared,
+            "dtmf": self._dtmf,
+            "stop": self._stop,
+        }
 
-    def receive_text(self, frame: str) -> list[Event]:
-        msg = load_object(frame)
-        if isinstance(msg, ProtocolError):
-            return [msg]
-        kind = text(msg.get("event"))
-        if kind == "media":
-            media = msg.get("media")
-            track = text(pick(media, "track"))
-            if track is not None and track != "inbound":
-                return []
-            payload = b64decode(pick(media, "payload"))
-            if isinstance(payload, ProtocolError):
-                return [payload]
-            return self._caller_audio(payload)
-        if kind == "start":
-            return self._start(msg)
-        if kind in ("playedStream", "played"):
-            return self._mark_echo(msg.get("name"))
-        if kind == "clearedAudio":
-            return self._marks.release_cleared()
-        if kind == "dtmf":
-            dtmf = msg.get("dtmf")
-            digit = text(pick(dtmf, "digit")) if isinstance(dtmf, dict) else text(dtmf)
-            return [Dtmf(digit)] if digit else [ProtocolError("dtmf without a digit")]
-        if kind == "stop":
-            return self._end_of_stream() + [CallStopped("stopped")]
-        if kind is None:
-            return [ProtocolError("message without an event")]
-        return [ProtocolError(f"unknown Plivo event {kind[:40]!r}")]
+    def _media(self, msg: dict) -> list[Event]:
+        media = msg.get("media")
+        return self._media_audio(media) if self._inbound(media) else []
 
-    def _start(self, msg: dict) -> list[Event]:
-        if self._started:
-            return [ProtocolError("duplicate start (ignored)")]
-        start = msg.get("start")
-        if not isinstance(start, dict):
-            return [ProtocolError("start without a start object")]
+    def _dtmf(self, msg: dict) -> list[Event]:
+        dtmf = msg.get("dtmf")
+        return self._digit(pick(dtmf, "digit") if isinstance(dtmf, dict) else dtmf)
+
+    def _start(self, msg: dict, start: dict) -> list[Event]:
         events: list[Event] = []
         fmt = start.get("mediaFormat")
         encoding = (text(pick(fmt, "encoding")) or "audio/x-l16").lower()
@@ -159,20 +131,11 @@ class PlivoFraming(ProviderFraming):
                 events.append(ProtocolError(f"unsupported sampleRate {rate}; using 8000"))
                 rate = 8000
         self.stream_id = text(start.get("streamId")) or text(msg.get("streamId"))
-        if self.stream_id is None:
-            events.append(ProtocolError("start without streamId"))
-        frame = rate // 50 * bytes_per_sample(codec)  # 20 ms
-        chunker = Chunker(frame, multiple=frame, min_size=frame, fill=silence_byte(codec))
-        self._begin(Decoder(codec, rate), Outbound(codec, rate, chunker))
-        events.append(
-            CallStarted(
-                provider=self.name,
-                call_id=text(start.get("callId")),
-                stream_id=self.stream_id,
-                custom=_extra_headers(msg.get("extra_headers")),
-            )
+        return self._open_stream(
+            events, Decoder(codec, rate), Outbound(codec, rate, frames_of_20ms(codec, rate)), missing="streamId",
+            call_id=text(start.get("callId")), stream_id=self.stream_id,
+            custom=_extra_headers(msg.get("extra_headers")),
         )
-        return events
 
     # frames out ----------------------------------------------------------
     def _media_frames(self, chunk: bytes) -> list[Frame]:

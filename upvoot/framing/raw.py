@@ -40,8 +40,6 @@ has heard.
 
 from __future__ import annotations
 
-import json
-
 from upvoot.framing.base import (
     CallerAudio,
     EndCallRequested,
@@ -49,15 +47,15 @@ from upvoot.framing.base import (
     Frame,
     ProtocolError,
 )
-
-
-def _json(obj: dict) -> Frame:
-    return Frame(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+from upvoot.framing.jsonwire import json_frame as _json
+from upvoot.framing.jsonwire import load_object
 
 
 class RawFraming:
     name = "raw"
     acknowledges_playout = False
+    #: the raw protocol sends 20 ms frames as they come: no extra lead
+    min_lead = 0.0
 
     def __init__(self) -> None:
         self._odd = b""
@@ -73,12 +71,9 @@ class RawFraming:
         return [CallerAudio(data)] if data else []
 
     def receive_text(self, text: str) -> list[Event]:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            return [ProtocolError("text frame is not JSON")]
-        if not isinstance(msg, dict):
-            return [ProtocolError("text frame is not a JSON object")]
+        msg = load_object(text)
+        if isinstance(msg, ProtocolError):
+            return [msg]
         kind = msg.get("type")
         if kind == "end_call":
             return [EndCallRequested()]
@@ -96,6 +91,12 @@ class RawFraming:
 
     def mark(self, name: str) -> list[Frame]:
         return []
+
+    def flush(self) -> list[Frame]:
+        return []  # nothing is held back: audio leaves as it comes
+
+    def drain(self) -> list[Frame]:
+        return []  # receiving never makes frames due
 
     def clear(self) -> list[Frame]:
         return []

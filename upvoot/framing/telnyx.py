@@ -64,24 +64,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from upvoot.framing.base import CallStarted, CallStopped, Dtmf, Event, Frame, ProtocolError
-from upvoot.framing.convert import (
-    Chunker,
-    Decoder,
-    Outbound,
-    ProviderFraming,
-    b64decode,
-    b64encode,
-    bytes_per_sample,
-    integer,
-    json_frame,
-    load_object,
-    parse_rate,
-    pick,
-    silence_byte,
-    string_dict,
-    text,
-)
+from upvoot.framing.base import Event, Frame, ProtocolError
+from upvoot.framing.convert import Decoder, Outbound
+from upvoot.framing.jsonwire import b64encode, integer, json_frame, parse_rate, pick, string_dict, text
+from upvoot.framing.provider import Handler, ProviderFraming, frames_of_20ms
 
 L16_RATES = (8000, 16000, 24000)
 _CODECS = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "l16"}
@@ -100,7 +86,9 @@ def _inbound_codec(encoding: str | None) -> str | None:
 
 class TelnyxFraming(ProviderFraming):
     name = "telnyx"
+    title = "Telnyx"
     acknowledges_playout = True
+    IGNORED = ("connected",)
 
     def __init__(self, codec: str = "PCMU", sample_rate: int | None = None, l16_byte_order: str = "big") -> None:
         super().__init__()
@@ -140,41 +128,24 @@ class TelnyxFraming(ProviderFraming):
         )
 
     # frames in -----------------------------------------------------------
-    def receive_binary(self, data: bytes) -> list[Event]:
-        return [ProtocolError("Telnyx sends no binary frames")]
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "media": self._media,
+            "start": self._start_message,
+            "mark": lambda msg: self._mark_echo(pick(msg.get("mark"), "name")),
+            "dtmf": lambda msg: self._digit(pick(msg.get("dtmf"), "digit"), pick(msg.get("payload"), "digit")),
+            "stop": self._stop,
+            "error": self._error,
+        }
 
-    def receive_text(self, frame: str) -> list[Event]:
-        msg = load_object(frame)
-        if isinstance(msg, ProtocolError):
-            return [msg]
-        kind = text(msg.get("event"))
-        if kind == "media":
-            return self._media(msg)
-        if kind == "start":
-            return self._start(msg)
-        if kind == "mark":
-            return self._mark_echo(pick(msg.get("mark"), "name"))
-        if kind == "dtmf":
-            digit = text(pick(msg.get("dtmf"), "digit")) or text(pick(msg.get("payload"), "digit"))
-            return [Dtmf(digit)] if digit else [ProtocolError("dtmf without a digit")]
-        if kind == "stop":
-            return self._end_of_stream() + [CallStopped("stopped")]
-        if kind == "error":
-            p = msg.get("payload")
-            code, title, detail = (text(pick(p, k)) or "" for k in ("code", "title", "detail"))
-            return [ProtocolError(f"Telnyx error {code} {title}: {detail}".strip()[:300])]
-        if kind == "connected":
-            return []
-        if kind is None:
-            return [ProtocolError("message without an event")]
-        return [ProtocolError(f"unknown Telnyx event {kind[:40]!r}")]
+    def _error(self, msg: dict) -> list[Event]:
+        p = msg.get("payload")
+        code, title, detail = (text(pick(p, k)) or "" for k in ("code", "title", "detail"))
+        return [ProtocolError(f"Telnyx error {code} {title}: {detail}".strip()[:300])]
 
     def _media(self, msg: dict) -> list[Event]:
         media = msg.get("media")
-        track = text(pick(media, "track"))
-        if track is not None and track not in ("inbound", "inbound_track"):
-            return []
-        if self._undecodable:
+        if not self._inbound(media) or self._undecodable:
             return []
         seq = integer(pick(media, "chunk"))
         if seq is None:
@@ -183,17 +154,9 @@ class TelnyxFraming(ProviderFraming):
             if self._last_seq is not None and seq <= self._last_seq:
                 return [ProtocolError(f"media chunk {seq} arrived after {self._last_seq} (dropped)")]
             self._last_seq = seq
-        payload = b64decode(pick(media, "payload"))
-        if isinstance(payload, ProtocolError):
-            return [payload]
-        return self._caller_audio(payload)
+        return self._media_audio(media)
 
-    def _start(self, msg: dict) -> list[Event]:
-        if self._started:
-            return [ProtocolError("duplicate start (ignored)")]
-        start = msg.get("start")
-        if not isinstance(start, dict):
-            return [ProtocolError("start without a start object")]
+    def _start(self, msg: dict, start: dict) -> list[Event]:
         events: list[Event] = []
         fmt = start.get("media_format")
         encoding = text(pick(fmt, "encoding"))
@@ -208,25 +171,16 @@ class TelnyxFraming(ProviderFraming):
         else:
             rate = 8000
         self.stream_id = text(msg.get("stream_id")) or text(start.get("stream_id"))
-        frame = self.out_rate // 50 * bytes_per_sample(self.out_codec)  # 20 ms
-        chunker = Chunker(frame, multiple=frame, min_size=frame, fill=silence_byte(self.out_codec))
-        self._begin(Decoder(codec, rate), Outbound(self.out_codec, self.out_rate, chunker))
         custom = string_dict(start.get("custom_parameters"))
         for key in ("client_state", "call_session_id"):
             value = text(start.get(key))
             if value is not None:
                 custom.setdefault(key, value)
-        events.append(
-            CallStarted(
-                provider=self.name,
-                call_id=text(start.get("call_control_id")),
-                stream_id=self.stream_id,
-                from_number=text(start.get("from")),
-                to_number=text(start.get("to")),
-                custom=custom,
-            )
+        out = Outbound(self.out_codec, self.out_rate, frames_of_20ms(self.out_codec, self.out_rate))
+        return self._open_stream(
+            events, Decoder(codec, rate), out, call_id=text(start.get("call_control_id")), stream_id=self.stream_id,
+            from_number=text(start.get("from")), to_number=text(start.get("to")), custom=custom,
         )
-        return events
 
     # frames out ----------------------------------------------------------
     def _media_frames(self, chunk: bytes) -> list[Frame]:

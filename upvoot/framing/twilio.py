@@ -47,22 +47,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from upvoot.framing.base import CallStarted, CallStopped, Dtmf, Event, Frame, ProtocolError
-from upvoot.framing.convert import (
-    Chunker,
-    Decoder,
-    Outbound,
-    ProviderFraming,
-    b64decode,
-    b64encode,
-    integer,
-    json_frame,
-    load_object,
-    pick,
-    silence_byte,
-    string_dict,
-    text,
-)
+from upvoot.framing.base import Event, Frame, ProtocolError
+from upvoot.framing.convert import Decoder, Outbound
+from upvoot.framing.jsonwire import b64encode, integer, json_frame, pick, string_dict, text
+from upvoot.framing.provider import Handler, ProviderFraming, frames_of_20ms
 
 RATE = 8000
 FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz
@@ -70,7 +58,9 @@ FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz
 
 class TwilioFraming(ProviderFraming):
     name = "twilio"
+    title = "Twilio"
     acknowledges_playout = True
+    IGNORED = ("connected",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,44 +71,20 @@ class TwilioFraming(ProviderFraming):
         return cls()
 
     # frames in -----------------------------------------------------------
-    def receive_binary(self, data: bytes) -> list[Event]:
-        return [ProtocolError("Twilio sends no binary frames")]
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "media": self._media,
+            "start": self._start_message,
+            "mark": lambda msg: self._mark_echo(pick(msg.get("mark"), "name")),
+            "dtmf": lambda msg: self._digit(pick(msg.get("dtmf"), "digit")),
+            "stop": self._stop,
+        }
 
-    def receive_text(self, frame: str) -> list[Event]:
-        msg = load_object(frame)
-        if isinstance(msg, ProtocolError):
-            return [msg]
-        kind = text(msg.get("event"))
-        if kind == "media":
-            media = msg.get("media")
-            track = text(pick(media, "track"))
-            if track is not None and track not in ("inbound", "inbound_track"):
-                return []
-            payload = b64decode(pick(media, "payload"))
-            if isinstance(payload, ProtocolError):
-                return [payload]
-            return self._caller_audio(payload)
-        if kind == "start":
-            return self._start(msg)
-        if kind == "mark":
-            return self._mark_echo(pick(msg.get("mark"), "name"))
-        if kind == "dtmf":
-            digit = text(pick(msg.get("dtmf"), "digit"))
-            return [Dtmf(digit)] if digit else [ProtocolError("dtmf without a digit")]
-        if kind == "stop":
-            return self._end_of_stream() + [CallStopped("stopped")]
-        if kind == "connected":
-            return []
-        if kind is None:
-            return [ProtocolError("message without an event")]
-        return [ProtocolError(f"unknown Twilio event {kind[:40]!r}")]
+    def _media(self, msg: dict) -> list[Event]:
+        media = msg.get("media")
+        return self._media_audio(media) if self._inbound(media) else []
 
-    def _start(self, msg: dict) -> list[Event]:
-        if self._started:
-            return [ProtocolError("duplicate start (ignored)")]
-        start = msg.get("start")
-        if not isinstance(start, dict):
-            return [ProtocolError("start without a start object")]
+    def _start(self, msg: dict, start: dict) -> list[Event]:
         events: list[Event] = []
         fmt = start.get("mediaFormat")
         encoding = text(pick(fmt, "encoding"))
@@ -126,21 +92,11 @@ class TwilioFraming(ProviderFraming):
         if (encoding is not None and encoding != "audio/x-mulaw") or (rate is not None and rate != RATE):
             events.append(ProtocolError(f"unexpected media format {encoding}/{rate}; using audio/x-mulaw 8000"))
         self.stream_sid = text(start.get("streamSid")) or text(msg.get("streamSid"))
-        if self.stream_sid is None:
-            events.append(ProtocolError("start without streamSid"))
-        chunker = Chunker(FRAME_BYTES, multiple=FRAME_BYTES, min_size=FRAME_BYTES, fill=silence_byte("mulaw"))
-        self._begin(Decoder("mulaw", RATE), Outbound("mulaw", RATE, chunker))
-        events.append(
-            CallStarted(
-                provider=self.name,
-                call_id=text(start.get("callSid")),
-                stream_id=self.stream_sid,
-                from_number=None,
-                to_number=None,
-                custom=string_dict(start.get("customParameters")),
-            )
+        return self._open_stream(
+            events, Decoder("mulaw", RATE), Outbound("mulaw", RATE, frames_of_20ms("mulaw", RATE)), missing="streamSid",
+            call_id=text(start.get("callSid")), stream_id=self.stream_sid,
+            custom=string_dict(start.get("customParameters")),
         )
-        return events
 
     # frames out ----------------------------------------------------------
     def _media_frames(self, chunk: bytes) -> list[Frame]:

@@ -46,20 +46,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from upvoot.framing.base import CallStarted, Dtmf, Event, Frame, ProtocolError
-from upvoot.framing.convert import (
-    Chunker,
-    Decoder,
-    Outbound,
-    ProviderFraming,
-    json_frame,
-    load_object,
-    parse_rate,
-    pick,
-    rate_param,
-    string_dict,
-    text,
-)
+from upvoot.framing.base import Event, Frame, ProtocolError
+from upvoot.framing.convert import Decoder, Outbound
+from upvoot.framing.jsonwire import json_frame, parse_rate, pick, rate_param, string_dict, text
+from upvoot.framing.provider import Handler, ProviderFraming, frames_of_20ms
 
 RATES = (8000, 16000)
 DEFAULT_RATE = 16000
@@ -81,7 +71,9 @@ def _content_rate(content_type: str | None) -> int | None:
 
 class VonageFraming(ProviderFraming):
     name = "vonage"
+    title = "Vonage"
     acknowledges_playout = False
+    START_EVENT = "websocket:connected"
 
     def __init__(self, sample_rate: int = DEFAULT_RATE) -> None:
         super().__init__()
@@ -97,43 +89,33 @@ class VonageFraming(ProviderFraming):
     def receive_binary(self, data: bytes) -> list[Event]:
         return self._caller_audio(data)
 
-    def receive_text(self, frame: str) -> list[Event]:
-        msg = load_object(frame)
-        if isinstance(msg, ProtocolError):
-            return [msg]
-        kind = text(msg.get("event"))
-        if kind == "websocket:connected":
-            return self._connected(msg)
-        if kind == "websocket:notify":
-            payload = msg.get("payload")
-            return self._mark_echo(pick(payload, "name", "mark"))
-        if kind == "websocket:cleared":
-            return self._marks.release_cleared()
-        if kind == "websocket:dtmf":
-            dtmf = msg.get("dtmf")
-            digit = text(pick(dtmf, "digit")) if isinstance(dtmf, dict) else text(dtmf)
-            digit = digit or text(msg.get("digit")) or text(pick(msg.get("payload"), "digit"))
-            return [Dtmf(digit)] if digit else [ProtocolError("dtmf without a digit")]
-        if kind is None:
-            return [ProtocolError("message without an event")]
-        return [ProtocolError(f"unknown Vonage event {kind[:40]!r}")]
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "websocket:connected": self._start_message,
+            "websocket:notify": lambda msg: self._mark_echo(pick(msg.get("payload"), "name", "mark")),
+            "websocket:cleared": self._cleared,
+            "websocket:dtmf": self._dtmf,
+        }
 
-    def _connected(self, msg: dict) -> list[Event]:
-        if self._started:
-            return [ProtocolError("duplicate websocket:connected (ignored)")]
+    def _dtmf(self, msg: dict) -> list[Event]:
+        dtmf = msg.get("dtmf")
+        first = pick(dtmf, "digit") if isinstance(dtmf, dict) else dtmf
+        return self._digit(first, msg.get("digit"), pick(msg.get("payload"), "digit"))
+
+    def _start_body(self, msg: dict) -> object:
+        return msg  # the connected message is the start
+
+    def _start(self, msg: dict, start: dict) -> list[Event]:
         events: list[Event] = []
         content_type = text(msg.get("content-type"))
         rate = _content_rate(content_type)
         if content_type is not None and rate is None:
             events.append(ProtocolError(f"unsupported content-type {content_type[:60]!r}"))
         rate = rate or self._default_rate
-        size = frame_bytes(rate)
-        chunker = Chunker(size, multiple=size, min_size=size, max_size=size)
-        self._begin(Decoder("s16le", rate), Outbound("s16le", rate, chunker))
         custom = string_dict({k: v for k, v in msg.items() if k not in ("event", "content-type")})
         call_id = next((custom[k] for k in ("uuid", "call_uuid", "conversation_uuid") if k in custom), None)
-        events.append(CallStarted(provider=self.name, call_id=call_id, custom=custom))
-        return events
+        out = Outbound("s16le", rate, frames_of_20ms("s16le", rate))
+        return self._open_stream(events, Decoder("s16le", rate), out, call_id=call_id, custom=custom)
 
     # frames out ----------------------------------------------------------
     def _media_frames(self, chunk: bytes) -> list[Frame]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from upvoot import engines
+from upvoot import engines, values
 from upvoot.config import _AGENT, _MAIN, ConfigError, load_config, parse_duration
 
 SHIPPED_INI = Path(__file__).resolve().parent.parent / "etc" / "upvoot.ini"
@@ -102,6 +102,43 @@ def test_shipped_ini_values_are_the_defaults(tmp_path):
         assert getattr(demo, field.name) == getattr(default, field.name), field.name
     for kind in ("vad", "stt", "tts"):
         assert demo.engines[kind] == default.engines[kind], kind
+
+
+def _documented_options() -> dict[tuple[str, str], tuple[str, str]]:
+    """(section, option) -> (value as written, the comment block right above it)."""
+    out = {}
+    section = None
+    comments: list[str] = []
+    for line in SHIPPED_INI.read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            section, comments = line.strip()[1:-1], []
+        elif line.startswith((";", "#")):
+            comments.append(line.lstrip(";# "))
+        elif not line.strip():
+            comments = []
+        elif not line[0].isspace() and "=" in line:
+            name, _, value = line.partition("=")
+            out[(section, name.strip())] = (value.strip(), " ".join(comments))
+            comments = []
+    return out
+
+
+DOCUMENTED_TABLES = [("upvoot", name, option) for name, option in _MAIN.items()] + [
+    ("agent:demo", name, option) for name, option in _AGENT.items()
+]
+
+
+@pytest.mark.parametrize("section, name, option", DOCUMENTED_TABLES, ids=[f"{s}-{n}" for s, n, _ in DOCUMENTED_TABLES])
+def test_the_shipped_ini_documents_each_default_and_range_above_its_option(section, name, option):
+    """Each option's comment block says the code's default and, where the code
+    checks one, its range; the value set is the default (the demo's own words aside)."""
+    value, doc = _documented_options()[(section, name)]
+    default = option.default or "(empty)"
+    assert re.search(rf"Default: {re.escape(default)}(?=[.,;]?(\s|$))", doc), f"{name}: no 'Default: {default}' in {doc!r}"
+    if option.range:
+        assert f"Range: {option.range}" in doc, f"{name}: no 'Range: {option.range}' in {doc!r}"
+    if name not in ("greeting", "system_prompt"):
+        assert " ".join(value.split()) == option.default, name
 
 
 # ---- values -----------------------------------------------------------------------
@@ -309,3 +346,221 @@ def test_config_objects_are_frozen(tmp_path):
         cfg.agents["x"].max_turns = 1
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         cfg.agents["x"].engines["vad"].name = "webrtc"
+
+
+# ---- ranges (issue 9, item 10): every option is checked at load -----------------------
+
+
+def _section_of(name: str) -> str:
+    return "upvoot" if name in _MAIN else "agent:x"
+
+
+def _ini_with(name: str, value: str) -> str:
+    if name in _MAIN:
+        return f"[upvoot]\n{name} = {value}\n[agent:x]\n"
+    return agent_ini(**{name: value})
+
+
+def _beyond(option) -> list[str]:
+    """Values just outside an option's documented range, as ini text."""
+    if option.range.endswith("characters"):
+        return []  # lengths: RANGE_ERRORS below
+    lo_text, hi_text = option.range.removeprefix("0 or ").split("..")
+    if re.fullmatch(r"-?\d+", lo_text) and re.fullmatch(r"\d+", hi_text):  # an integer option
+        return [str(int(lo_text) - 1), str(int(hi_text) + 1)]
+    lo, hi = parse_duration(lo_text), parse_duration(hi_text)
+    def seconds(x: float) -> str:
+        return f"{x:f}".rstrip("0").rstrip(".")
+
+    return ([seconds(lo / 2)] if lo > 0 else []) + [seconds(hi * 1.5)]
+
+
+RANGED = [(name, value) for table in (_MAIN, _AGENT) for name, option in table.items()
+          if option.range for value in _beyond(option)]
+
+
+def test_every_number_and_duration_has_a_range():
+    for table in (_MAIN, _AGENT):
+        for name, option in table.items():
+            if re.fullmatch(r"\d+(\.\d+)?(ms|s|m|h|d)?", option.default):
+                assert option.range, f"{name} has no range"
+
+
+@pytest.mark.parametrize("name, value", RANGED, ids=[f"{n}={v}" for n, v in RANGED])
+def test_a_value_outside_the_documented_range_fails_at_load(tmp_path, name, value):
+    path = write(tmp_path, _ini_with(name, value))
+    option = (_MAIN | _AGENT)[name]
+    assert config_error(path) == f"{path}: [{_section_of(name)}] {name}: {value} is out of range ({option.range})"
+
+
+RANGE_ERRORS = [
+    # (option, value, message after "<file>: [section] option: ")
+    ("points_per_increment", "9223372036854775808", "9223372036854775808 is out of range (0..1000000000)"),
+    ("points_per_increment", "1000000001", "1000000001 is out of range (0..1000000000)"),
+    ("points_per_increment", "-1", "-1 is out of range (0..1000000000)"),
+    ("points_per_increment", "9" * 5000, "expected an integer, got '" + "9" * 40 + "'..."),
+    ("billing_increment", "0", "0 is out of range (1s..1h)"),
+    ("billing_increment", "2h", "2h is out of range (1s..1h)"),
+    ("max_turns", "10001", "10001 is out of range (1..10000)"),
+    ("max_calls", "100001", "100001 is out of range (1..100000)"),
+    ("max_calls_per_account", "100001", "100001 is out of range (0..100000)"),
+    ("workers", "65", "65 is out of range (0..64)"),
+    ("worker_queue", "1001", "1001 is out of range (0..1000)"),
+    ("max_message_size", "1023", "1023 is out of range (1024..67108864)"),
+    ("max_frame_size", "67108865", "67108865 is out of range (1024..67108864)"),
+    ("max_connections", "1000001", "1000001 is out of range (0..1000000)"),
+    ("max_handshake_size", "1023", "1023 is out of range (1024..65536)"),
+    ("max_handshake_size", "65537", "65537 is out of range (1024..65536)"),
+    ("start_timeout", "500ms", "500ms is out of range (1s..1m)"),
+    ("start_timeout", "61s", "61s is out of range (1s..1m)"),
+    ("start_timeout", "0", "0 is out of range (1s..1m)"),
+    ("recordings_keep", "30m", "30m is out of range (0 or 1h..36500d)"),
+    ("recordings_keep", "36501d", "36501d is out of range (0 or 1h..36500d)"),
+    ("heartbeat", "9" * 400, "the duration is too large"),
+    ("max_duration", "1d", "1d is out of range (10s..4h)"),
+    ("auth_failure_window", "2d", "2d is out of range (1s..1d)"),
+    ("trust_x_forwarded_for", "11", "11 is out of range (0..10)"),
+    ("greeting", "a" * 1001, "is 1001 characters long (at most 1000)"),
+    ("closing_error", "b" * 1001, "is 1001 characters long (at most 1000)"),
+    ("agent_select", "c" * 201, "is 201 characters long (at most 200)"),
+    ("system_prompt", "d" * 100_001, "is 100001 characters long (at most 100000)"),
+]
+
+
+@pytest.mark.parametrize("name, value, expected", RANGE_ERRORS,
+                         ids=[f"{n}={v[:24]}" for n, v, _ in RANGE_ERRORS])
+def test_out_of_range_values_are_one_line_errors(tmp_path, name, value, expected):
+    path = write(tmp_path, _ini_with(name, value))
+    assert config_error(path) == f"{path}: [{_section_of(name)}] {name}: {expected}"
+
+
+IN_RANGE = [
+    ("points_per_increment", "1000000000", 10**9), ("points_per_increment", "0", 0),
+    ("max_calls", "1_000", 1000), ("max_handshake_size", "65536", 65536), ("max_handshake_size", "1024", 1024),
+    ("start_timeout", "1m", 60.0), ("start_timeout", "1s", 1.0), ("recordings_keep", "0", 0.0),
+    ("recordings_keep", "36500d", 36500 * 86400.0), ("billing_increment", "1h", 3600.0),
+    ("greeting", "a" * 1000, "a" * 1000), ("greeting", "Hello\tthere", "Hello there"),
+]
+
+
+@pytest.mark.parametrize("name, value, expected", IN_RANGE, ids=[f"{n}={v[:24]}" for n, v, _ in IN_RANGE])
+def test_the_range_bounds_themselves_load(tmp_path, name, value, expected):
+    cfg = load_config(str(write(tmp_path, _ini_with(name, value))))
+    where = cfg.websocket if name in ("start_timeout", "max_handshake_size") else (
+        cfg if name in _MAIN else cfg.agents["x"])
+    assert getattr(where, name) == expected
+
+
+def test_start_timeout_and_max_handshake_size(tmp_path):
+    cfg = load_config(str(write(tmp_path, MINIMAL)))
+    assert (cfg.websocket.start_timeout, cfg.websocket.max_handshake_size) == (10.0, 8192)
+    cfg = load_config(str(write(tmp_path, "[upvoot]\nstart_timeout = 2500ms\nmax_handshake_size = 4096\n[agent:x]\n")))
+    assert (cfg.websocket.start_timeout, cfg.websocket.max_handshake_size) == (2.5, 4096)
+
+
+def test_detect_timeout_must_be_shorter_than_start_timeout(tmp_path):
+    path = write(tmp_path, "[upvoot]\ndetect_timeout = 5s\nstart_timeout = 5s\n[agent:x]\n")
+    assert config_error(path) == f"{path}: [upvoot] detect_timeout: must be shorter than start_timeout"
+
+
+def test_a_websocket_section_says_where_the_limits_go(tmp_path):
+    path = write(tmp_path, MINIMAL + "[websocket]\nstart_timeout = 5s\n")
+    assert config_error(path) == (
+        f"{path}: [websocket]: unknown section (expected [upvoot] or [agent:NAME]); "
+        "the WebSocket limits are [upvoot] options"
+    )
+
+
+ENDPOINT_ERRORS = [
+    ("listen", "tcp:99999", "bad endpoint 'tcp:99999': port '99999' is not a number 0..65535"),
+    ("listen", "tcp:65536:interface=127.0.0.1", "bad endpoint 'tcp:65536:interface=127.0.0.1': port '65536' is not"),
+    ("listen", "tcp:port=70000", "bad endpoint 'tcp:port=70000': port '70000' is not"),
+    ("listen", "tcp:-1", "bad endpoint 'tcp:-1': port '-1' is not"),
+    ("listen", "tcp6:99999", "bad endpoint 'tcp6:99999': port '99999' is not"),
+    ("listen", "ssl:99999:privateKey=key.pem", "bad endpoint 'ssl:99999:privateKey=key.pem': port '99999' is not"),
+    ("listen", "haproxy:tcp:99999", "bad endpoint 'haproxy:tcp:99999': port '99999' is not"),
+    ("listen", "tcp:interface=127.0.0.1", "bad endpoint 'tcp:interface=127.0.0.1': no port"),
+    ("listen", "tcp:8080\n    tcp:99999", "bad endpoint 'tcp:99999': port '99999' is not"),
+    ("admin_listen", "tcp:99999", "bad endpoint 'tcp:99999': port '99999' is not"),
+]
+
+
+@pytest.mark.parametrize("name, value, expected", ENDPOINT_ERRORS, ids=[f"{n}={v}" for n, v, _ in ENDPOINT_ERRORS])
+def test_endpoint_ports_are_checked_at_load(tmp_path, name, value, expected):
+    path = write(tmp_path, f"[upvoot]\n{name} = {value}\n[agent:x]\n")
+    assert config_error(path).startswith(f"{path}: [upvoot] {name}: {expected}")
+
+
+@pytest.mark.parametrize("value", [
+    "tcp:0", "tcp:65535:interface=127.0.0.1", r"tcp:8080:interface=\:\:1", "ssl:8443:privateKey=k.pem:certKey=c.pem",
+    "haproxy:tcp:8080:interface=127.0.0.1", "systemd:domain=INET:index=0", "unix:upvoot.sock",
+])
+def test_good_endpoints_load(tmp_path, value):
+    cfg = load_config(str(write(tmp_path, f"[upvoot]\nlisten = {value}\nadmin_listen = {value}\n[agent:x]\n")))
+    assert cfg.listen == (value,) and cfg.admin_listen == value
+
+
+def test_too_many_listeners(tmp_path):
+    lines = "\n".join(f"    tcp:{9000 + i}" for i in range(65))
+    path = write(tmp_path, f"[upvoot]\nlisten =\n{lines}\n[agent:x]\n")
+    assert config_error(path) == f"{path}: [upvoot] listen: 65 endpoints (at most 64)"
+
+
+CONTROL = [
+    # (where, option, value, character named)
+    ("agent:x", "greeting", "Hello\x00there", "U+0000"),
+    ("agent:x", "goodbye", "Bye\x07", "U+0007"),
+    ("agent:x", "system_prompt", "Be \x1b[31m red", "U+001B"),
+    ("agent:x", "closing_silence", "Bye\x7f", "U+007F"),
+    ("agent:x", "silence_prompt", "Hello?\x85 Hello?", "U+0085"),
+    ("agent:x", "brain.rule.x", "hi -> Hello\x00", "U+0000"),
+    ("agent:x", "brain.fallback", "Pardon\x0c?", "U+000C"),
+    ("agent:x", "stt.model", "models/\x00tiny", "U+0000"),
+    ("upvoot", "listen", "tcp:8080\x00", "U+0000"),
+    ("upvoot", "database", "db\x00.sqlite3", "U+0000"),
+]
+
+
+@pytest.mark.parametrize("section, name, value, char", CONTROL, ids=[f"{c[1]}-{c[3]}" for c in CONTROL])
+def test_control_characters_fail_at_load(tmp_path, section, name, value, char):
+    text = f"[upvoot]\n{name} = {value}\n[agent:x]\n" if section == "upvoot" else agent_ini(**{name: value})
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert message == f"{path}: [{section}] {name}: contains the control character {char}"
+    assert not values.control_character(message)
+
+
+# ---- one grammar for the ini and the engines (issue 10, item 5) -------------------------
+
+
+@pytest.mark.parametrize("text, seconds", [("1d", 86400.0), ("2d", 172800.0), ("1500ms", 1.5), ("0.5h", 1800.0)])
+def test_the_one_duration_grammar(text, seconds):
+    assert values.parse_duration(text) == pytest.approx(seconds)
+
+
+def test_config_and_engines_share_the_grammars():
+    import upvoot.config as config
+    from upvoot.engines import options
+
+    assert config.parse_duration is values.parse_duration
+    assert config.parse_bool is values.parse_bool
+    assert options.parse_bool({"x": "On"}, "x") is True and options.parse_bool({"x": "off"}, "x") is False
+    # a duration an engine takes is spelled as in [upvoot]
+    assert options.parse_seconds({"t": "1h"}, "t", 5.0) == 3600.0
+    assert options.parse_seconds({}, "t", 5.0) == 5.0
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999"])
+def test_engine_numbers_must_be_finite(text):
+    from upvoot.engines.interfaces import EngineOptionError
+    from upvoot.engines.options import parse_float
+
+    with pytest.raises(EngineOptionError) as e:
+        parse_float({"x": text}, "x", -100.0, 100.0)
+    assert e.value.option == "x" and "finite" in e.value.message
+
+
+@pytest.mark.parametrize("text, bad", [("Hello\tthere", None), ("a\nb", None), ("a\x00b", "U+0000"),
+                                       ("\x9f", "U+009F"), ("caf\u00e9 \u200d", None)])
+def test_control_character(text, bad):
+    assert values.control_character(text) == bad

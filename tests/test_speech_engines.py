@@ -495,3 +495,37 @@ def test_vad_detectors_are_independent(vad, piper_speech):
     assert interleaved == alone
     a.reset()
     assert decisions(a, speech) == alone
+
+
+# ---- one definition of the STT language option (whisper and openai) --------------------
+
+_STT_BASE = {"whisper": {}, "openai": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+
+
+@pytest.mark.parametrize("name", sorted(_STT_BASE))
+@pytest.mark.parametrize("text, language", [(None, "en"), ("auto", None), ("AUTO", None), (" DE ", "de"), ("fra", "fra")])
+def test_stt_language_is_the_same_option_for_every_stt_engine(name, text, language):
+    options = dict(_STT_BASE[name], **({} if text is None else {"language": text}))
+    assert get_factory("stt", name).parse_options(options, ".").language == language
+
+
+@pytest.mark.parametrize("name", sorted(_STT_BASE))
+@pytest.mark.parametrize("text", ["English please", "e", "engl", "e1", ""])
+def test_stt_language_is_refused_alike(name, text):
+    with pytest.raises(EngineOptionError) as e:
+        get_factory("stt", name).parse_options(dict(_STT_BASE[name], language=text), ".")
+    assert e.value.option == "language"
+    assert e.value.message == f"expected a language code like 'en' or 'auto', got {text!r}"
+
+
+@pytest.mark.parametrize("module,options,option", [
+    (silero, {"threshold": "nan"}, "threshold"),
+    (piper, {"length_scale": "inf"}, "length_scale"),
+    (piper, {"noise_scale": "nan"}, "noise_scale"),
+    (whisper, {"beam_size": "9" * 5000}, "beam_size"),
+    (webrtc, {"aggressiveness": "1.5"}, "aggressiveness"),
+])
+def test_numbers_are_finite_and_short(module, options, option):
+    with pytest.raises(EngineOptionError) as e:
+        module.factory.parse_options(options, ".")
+    assert e.value.option == option and len(e.value.message) < 120

@@ -5,8 +5,12 @@ twistd can print it and stop before it daemonizes. Relative paths resolve
 against ``[upvoot] state_dir``, itself relative to the ini file's directory,
 never against the directory the command was started from.
 
-``etc/upvoot.ini`` documents every option, its default and its meaning; the
-tables below are the single source of truth for names and defaults.
+``etc/upvoot.ini`` documents every option, its meaning, default and range;
+the tables below are the single source of truth for names, defaults and
+ranges (tests/test_config.py holds the ini to them). Every value is range
+checked here, at load, so nothing out of range reaches a socket, an engine
+or the database. The value grammars (durations, booleans, integers, one-line
+text, endpoint ports) live in ``upvoot.values``, shared with the engines.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ import attrs
 
 from upvoot import engines
 from upvoot.engines.interfaces import EngineOptionError
+from upvoot.framing.negotiate import AUTO, PROVIDERS
+from upvoot.values import (
+    check_endpoint_port,
+    control_character,
+    duration_in,
+    duration_range,
+    int_in,
+    one_line,
+    parse_bool,
+    parse_duration,
+)
 
 
 class ConfigError(Exception):
@@ -35,55 +50,44 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {' '.join(message.split())}")
 
 
-# ---- value parsers -------------------------------------------------------------
+# ---- value parsers (the grammars are in upvoot.values, shared with the engines) ----
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """'600ms', '10s', '30m', '1h', '30d' or a bare number of seconds -> seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"expected a duration like 600ms, 10s, 30m or 1h, got {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+#: Longest line an agent says (greeting, goodbye, prompts, closing lines).
+MAX_SPOKEN = 1000
+#: Longest system prompt.
+MAX_PROMPT = 100_000
+#: Most endpoints in ``listen``.
+MAX_LISTEN = 64
 
 
-def parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "yes", "true", "on"):
-        return True
-    if t in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected yes or no, got {text!r}")
+@attrs.frozen
+class Option:
+    """One ini option: its parser, its default (as written in the ini) and,
+    for etc/upvoot.ini's "Range:" notes, the range the parser enforces."""
+
+    parse: Callable[[str], object]
+    default: str
+    range: str = ""
 
 
-def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text.strip())
-        except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise ValueError(f"{v} is out of range ({lo}..{hi if hi is not None else ''})")
-        return v
-
-    return parse
+def _int(default: str, lo: int, hi: int) -> Option:
+    return Option(lambda text: int_in(text, lo, hi), default, f"{lo}..{hi}")
 
 
-def _duration(lo: float, hi: float | None = None, zero_ok: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        v = parse_duration(text)
-        if zero_ok and v == 0:
-            return v
-        if v < lo or (hi is not None and v > hi):
-            raise ValueError(f"{text.strip()} is out of range ({lo:g}s..{'' if hi is None else f'{hi:g}s'})")
-        return v
-
-    return parse
+def _duration(default: str, lo: float, hi: float, zero_ok: bool = False) -> Option:
+    return Option(lambda text: duration_in(text, lo, hi, zero_ok), default, duration_range(lo, hi, zero_ok))
 
 
-_PROVIDERS = ("auto", "raw", "exotel", "twilio", "plivo", "telnyx", "vonage")
+def _text(default: str, max_length: int) -> Option:
+    # ini continuation lines keep their newlines; speech wants one line
+    return Option(lambda text: one_line(text, max_length), default, f"up to {max_length} characters")
+
+
+def _bool(default: str) -> Option:
+    return Option(parse_bool, default)
+
+
+_PROVIDERS = (AUTO, *PROVIDERS)
 
 
 def _provider(text: str) -> str:
@@ -93,13 +97,20 @@ def _provider(text: str) -> str:
     return value
 
 
-def _text(text: str) -> str:
-    # ini continuation lines keep their newlines; speech wants one line
-    return " ".join(text.split())
+def _endpoint(text: str) -> str:
+    value = text.strip()
+    if value:
+        check_endpoint_port(value)
+    return value
 
 
-def _lines(text: str) -> tuple[str, ...]:
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+def _endpoints(text: str) -> tuple[str, ...]:
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(lines) > MAX_LISTEN:
+        raise ValueError(f"{len(lines)} endpoints (at most {MAX_LISTEN})")
+    for line in lines:
+        check_endpoint_port(line)
+    return lines
 
 
 # ---- the objects -----------------------------------------------------------------
@@ -164,6 +175,8 @@ class WebSocketLimits:
     auto_ping_interval: float
     auto_ping_timeout: float
     max_connections: int
+    start_timeout: float = 10.0  # no call started within it: close 4408
+    max_handshake_size: int = 8192  # bytes of opening handshake before 431
 
 
 @attrs.frozen
@@ -192,79 +205,97 @@ class Config:
     recordings_keep: float = 30 * 86400.0  # 0 = keep forever
 
 
-# ---- the option tables (name -> (parser, default)) --------------------------------
+# ---- the option tables (name -> Option(parser, default, range)) ---------------------
 
-_MAIN: dict[str, tuple[Callable[[str], object], str]] = {
-    "listen": (_lines, "tcp:8080:interface=127.0.0.1"),
-    "admin_listen": (str.strip, "tcp:8081:interface=127.0.0.1"),  # /healthz, /metrics; "" = no admin listener
-    "state_dir": (str.strip, "."),
-    "database": (str.strip, "upvoot.sqlite3"),
-    "max_calls": (_int(1), "50"),
-    "lag_budget": (_duration(0.005, 10.0), "150ms"),
-    "playout_lead": (_duration(0.02, 2.0), "100ms"),
-    "workers": (_int(0, 64), "0"),
-    "worker_queue": (_int(0, 1000), "8"),
-    "log_transcripts": (parse_bool, "no"),
-    "max_message_size": (_int(1024), "1048576"),
-    "max_frame_size": (_int(1024), "1048576"),
-    "open_handshake_timeout": (_duration(0.1, 600.0), "10s"),
-    "close_timeout": (_duration(0.1, 600.0), "5s"),
-    "auto_ping_interval": (_duration(1.0, 3600.0, zero_ok=True), "0"),
-    "auto_ping_timeout": (_duration(1.0, 3600.0), "10s"),
-    "max_connections": (_int(0), "0"),
-    "detect_timeout": (_duration(0.0, 10.0, zero_ok=True), "150ms"),
-    "drain_time": (_duration(0.0, 3600.0, zero_ok=True), "30s"),
-    "heartbeat": (_duration(0.5, 3600.0), "15s"),
-    "max_calls_per_account": (_int(0), "0"),
-    "auth_failure_limit": (_int(0), "10"),
-    "auth_failure_window": (_duration(1.0, 86400.0), "1m"),
-    "trust_x_forwarded_for": (_int(0, 10), "0"),
-    "recordings_dir": (str.strip, "recordings"),
-    "recordings_keep": (_duration(3600.0, zero_ok=True), "30d"),
+_MAIN: dict[str, Option] = {
+    "listen": Option(_endpoints, "tcp:8080:interface=127.0.0.1"),
+    "admin_listen": Option(_endpoint, "tcp:8081:interface=127.0.0.1"),  # /healthz, /metrics; "" = none
+    "state_dir": Option(str.strip, "."),
+    "database": Option(str.strip, "upvoot.sqlite3"),
+    "max_calls": _int("50", 1, 100_000),
+    "lag_budget": _duration("150ms", 0.005, 10.0),
+    "playout_lead": _duration("100ms", 0.02, 2.0),
+    "workers": _int("0", 0, 64),
+    "worker_queue": _int("8", 0, 1000),
+    "log_transcripts": _bool("no"),
+    "max_message_size": _int("1048576", 1024, 64 << 20),
+    "max_frame_size": _int("1048576", 1024, 64 << 20),
+    "open_handshake_timeout": _duration("10s", 0.1, 600.0),
+    "close_timeout": _duration("5s", 0.1, 600.0),
+    "auto_ping_interval": _duration("0", 1.0, 3600.0, zero_ok=True),
+    "auto_ping_timeout": _duration("10s", 1.0, 3600.0),
+    "max_connections": _int("0", 0, 1_000_000),
+    "start_timeout": _duration("10s", 1.0, 60.0),
+    "max_handshake_size": _int("8192", 1024, 65536),
+    "detect_timeout": _duration("150ms", 0.0, 10.0),
+    "drain_time": _duration("30s", 0.0, 3600.0),
+    "heartbeat": _duration("15s", 0.5, 3600.0),
+    "max_calls_per_account": _int("0", 0, 100_000),
+    "auth_failure_limit": _int("10", 0, 1_000_000),
+    "auth_failure_window": _duration("1m", 1.0, 86400.0),
+    "trust_x_forwarded_for": _int("0", 0, 10),
+    "recordings_dir": Option(str.strip, "recordings"),
+    "recordings_keep": _duration("30d", 3600.0, 36500 * 86400.0, zero_ok=True),
 }
 
-_AGENT: dict[str, tuple[Callable[[str], object], str]] = {
-    "greeting": (_text, "Hello! How can I help you?"),
-    "system_prompt": (_text, "You are a helpful, concise phone agent."),
-    "goodbye": (_text, "Thank you for calling. Goodbye!"),
-    "apology": (_text, "Sorry, I had a problem there. Could you say that again?"),
-    "max_duration": (_duration(10.0, 4 * 3600.0), "30m"),
-    "max_turns": (_int(1, 10000), "20"),
-    "silence_timeout": (_duration(1.0, 3600.0), "10s"),
-    "silence_prompt": (_text, "Are you still there?"),
-    "silence_prompt_after": (_duration(0.5, 3600.0, zero_ok=True), "6s"),
-    "wrap_up_warning": (_text, "We are almost out of time for this call."),
-    "wrap_up_before": (_duration(1.0, 3600.0, zero_ok=True), "1m"),
-    "closing_max_duration": (_text, "I'm sorry, we have reached the time limit for this call. Goodbye!"),
-    "closing_max_turns": (_text, "We have covered a lot. Thank you for calling, goodbye!"),
-    "closing_silence": (_text, "I haven't heard from you, so I'll end the call now. Goodbye!"),
-    "closing_error": (_text, "I'm sorry, I'm having technical problems. Please call again later. Goodbye!"),
-    "max_failures": (_int(1, 100), "3"),
-    "end_of_turn": (_duration(0.1, 5.0), "600ms"),
-    "min_utterance": (_duration(0.02, 5.0), "250ms"),
-    "max_utterance": (_duration(1.0, 120.0), "20s"),
-    "barge_in_min": (_duration(0.02, 5.0), "300ms"),
-    "interim_interval": (_duration(0.1, 10.0, zero_ok=True), "400ms"),
-    "provider": (_provider, "auto"),
-    "dtmf_interrupts": (parse_bool, "yes"),
-    "agent_select": (_text, ""),
-    "points_per_increment": (_int(0), "1"),
-    "billing_increment": (_duration(1.0, 3600.0), "1m"),
-    "record": (parse_bool, "no"),
+#: The [upvoot] options that make up ``Config.websocket``.
+_WEBSOCKET = tuple(attrs.fields_dict(WebSocketLimits))
+
+_AGENT: dict[str, Option] = {
+    "greeting": _text("Hello! How can I help you?", MAX_SPOKEN),
+    "system_prompt": _text("You are a helpful, concise phone agent.", MAX_PROMPT),
+    "goodbye": _text("Thank you for calling. Goodbye!", MAX_SPOKEN),
+    "apology": _text("Sorry, I had a problem there. Could you say that again?", MAX_SPOKEN),
+    "max_duration": _duration("30m", 10.0, 4 * 3600.0),
+    "max_turns": _int("20", 1, 10000),
+    "silence_timeout": _duration("10s", 1.0, 3600.0),
+    "silence_prompt": _text("Are you still there?", MAX_SPOKEN),
+    "silence_prompt_after": _duration("6s", 0.5, 3600.0, zero_ok=True),
+    "wrap_up_warning": _text("We are almost out of time for this call.", MAX_SPOKEN),
+    "wrap_up_before": _duration("1m", 1.0, 3600.0, zero_ok=True),
+    "closing_max_duration": _text("I'm sorry, we have reached the time limit for this call. Goodbye!", MAX_SPOKEN),
+    "closing_max_turns": _text("We have covered a lot. Thank you for calling, goodbye!", MAX_SPOKEN),
+    "closing_silence": _text("I haven't heard from you, so I'll end the call now. Goodbye!", MAX_SPOKEN),
+    "closing_error": _text("I'm sorry, I'm having technical problems. Please call again later. Goodbye!", MAX_SPOKEN),
+    "max_failures": _int("3", 1, 100),
+    "end_of_turn": _duration("600ms", 0.1, 5.0),
+    "min_utterance": _duration("250ms", 0.02, 5.0),
+    "max_utterance": _duration("20s", 1.0, 120.0),
+    "barge_in_min": _duration("300ms", 0.02, 5.0),
+    "interim_interval": _duration("400ms", 0.1, 10.0, zero_ok=True),
+    "provider": Option(_provider, "auto"),
+    "dtmf_interrupts": _bool("yes"),
+    "agent_select": _text("", 200),
+    # 10**9 points per increment, at most 4h of 1s increments: 1.44e13 a call, far inside SQLite's 64-bit INTEGER
+    "points_per_increment": _int("1", 0, 10**9),
+    "billing_increment": _duration("1m", 1.0, 3600.0),
+    "record": _bool("no"),
 }
 
 _ENGINE_DEFAULTS = {"vad": "energy", "stt": "whisper", "brain": "scripted", "tts": "piper"}
 
 
-def _parse_table(path, section, items, table):
+def _parse_table(path: str, section: str, items: Mapping[str, str], table: Mapping[str, Option]) -> dict:
     out = {}
-    for name, (parse, default) in table.items():
-        raw = items.get(name, default)
+    for name, option in table.items():
         try:
-            out[name] = parse(raw)
+            out[name] = option.parse(items.get(name, option.default))
         except ValueError as e:
             raise ConfigError(path, section, name, str(e)) from None
     return out
+
+
+def _refuse_control_characters(path: str, parser: configparser.ConfigParser) -> None:
+    """No control character (tab and continuation newlines aside) anywhere:
+    a NUL in a spoken line, a path or an engine option fails here, at load."""
+    for section in parser.sections():
+        if control_character(section):
+            raise ConfigError(path, repr(section), None, f"the section name holds the control character {control_character(section)}")
+        for key, value in parser[section].items():
+            if control_character(key):
+                raise ConfigError(path, section, repr(key), f"the option name holds the control character {control_character(key)}")
+            if control_character(value):
+                raise ConfigError(path, section, key, f"contains the control character {control_character(value)}")
 
 
 def _parse_agent(path: str, section: str, name: str, items: Mapping[str, str], base_dir: str) -> AgentConfig:
@@ -325,6 +356,7 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, None, None, e.strerror or str(e)) from None
     except (configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(path, None, None, " ".join(str(e).split())) from None
+    _refuse_control_characters(path, parser)
     if "upvoot" not in parser:
         raise ConfigError(path, "upvoot", None, "missing section")
     main = _parse_table(path, "upvoot", dict(parser["upvoot"]), _MAIN)
@@ -342,22 +374,23 @@ def load_config(path: str) -> Config:
             continue
         kind, colon, name = section.partition(":")
         if kind != "agent" or not colon:
-            raise ConfigError(path, section, None, "unknown section (expected [upvoot] or [agent:NAME])")
+            hint = "; the WebSocket limits are [upvoot] options" if section == "websocket" else ""
+            raise ConfigError(path, section, None, f"unknown section (expected [upvoot] or [agent:NAME]){hint}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(path, section, None, "agent names use letters, digits, '.', '_' and '-'")
         agents[name] = _parse_agent(path, section, name, dict(parser[section]), state_dir)
     if not agents:
         raise ConfigError(path, None, None, "no [agent:NAME] section: define at least one agent")
-    ws = WebSocketLimits(
-        max_message_size=main.pop("max_message_size"),
-        max_frame_size=main.pop("max_frame_size"),
-        open_handshake_timeout=main.pop("open_handshake_timeout"),
-        close_timeout=main.pop("close_timeout"),
-        auto_ping_interval=main.pop("auto_ping_interval"),
-        auto_ping_timeout=main.pop("auto_ping_timeout"),
-        max_connections=main.pop("max_connections"),
-    )
+    if main["detect_timeout"] >= main["start_timeout"]:
+        raise ConfigError(path, "upvoot", "detect_timeout", "must be shorter than start_timeout")
+    ws = WebSocketLimits(**{name: main.pop(name) for name in _WEBSOCKET})
     main.pop("state_dir")
     main.pop("database")
     main["recordings_dir"] = os.path.normpath(os.path.join(state_dir, os.path.expanduser(main["recordings_dir"])))
     return Config(path=path, state_dir=state_dir, database=database, websocket=ws, agents=agents, **main)
+
+
+__all__ = [
+    "AgentConfig", "Config", "ConfigError", "EngineSpec", "Option", "WebSocketLimits", "load_config",
+    "parse_bool", "parse_duration",
+]

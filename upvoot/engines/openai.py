@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 from typing import Any, Mapping
 
 import attrs
@@ -93,22 +92,6 @@ def parse_endpoint(options: Mapping[str, str], base_dir: str) -> Endpoint:
             raise EngineOptionError("api_key_file", "give api_key_env or api_key_file, not both")
         path = parse_path(options, "api_key_file", base_dir, must_exist=False)
     return Endpoint(base_url, options["model"].strip(), env, path)
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-
-
-def parse_seconds(options: Mapping[str, str], name: str, default: float) -> float:
-    """A timeout like the config's durations: ``5``, ``5s``, ``1500ms``, ``1m``."""
-    if name not in options:
-        return default
-    m = _DURATION.match(options[name])
-    if not m:
-        raise EngineOptionError(name, f"expected a duration like 1500ms, 5s or 1m, got {options[name]!r}")
-    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-    if not 0.001 <= value <= 3600.0:
-        raise EngineOptionError(name, f"{value:g}s is out of range [1ms, 1h]")
-    return value
 
 
 def read_key(engine: str, endpoint: Endpoint) -> str | None:
@@ -398,5 +381,5 @@ def describe(exc: BaseException) -> str:
 
 __all__ = [
     "BodyStream", "BytesProducer", "COMMON_OPTIONS", "Endpoint", "HTTP", "OpenAIError", "describe",
-    "error_excerpt", "is_stale_connection", "log_failure", "open_response", "parse_endpoint", "parse_seconds", "read_all", "read_key", "reactor_of", "within",
+    "error_excerpt", "is_stale_connection", "log_failure", "open_response", "parse_endpoint", "read_all", "read_key", "reactor_of", "within",
 ]

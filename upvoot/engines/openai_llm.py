@@ -71,12 +71,11 @@ from upvoot.engines.openai import (
     log_failure,
     open_response,
     parse_endpoint,
-    parse_seconds,
     reactor_of,
     read_key,
     within,
 )
-from upvoot.engines.options import parse_bool, parse_float, parse_int, reject_unknown
+from upvoot.engines.options import parse_bool, parse_float, parse_int, parse_seconds, reject_unknown
 from upvoot.engines.sse import SSEParser
 
 ENGINE = "brain openai"

@@ -32,7 +32,6 @@ Options (``tts.*``): ``base_url``, ``model`` (required), ``voice``
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, AsyncIterator, Mapping
 
@@ -59,13 +58,12 @@ from upvoot.engines.openai import (
     log_failure,
     open_response,
     parse_endpoint,
-    parse_seconds,
     reactor_of,
     read_all,
     read_key,
     within,
 )
-from upvoot.engines.options import parse_bool, parse_int, reject_unknown
+from upvoot.engines.options import parse_bool, parse_int, parse_language, parse_seconds, reject_unknown
 
 STT_ENGINE = "stt openai"
 TTS_ENGINE = "tts openai"
@@ -164,14 +162,7 @@ class OpenAISTTFactory:
     def parse_options(self, options: Mapping[str, str], base_dir: str) -> OpenAISTTSettings:
         reject_unknown(options, self._KNOWN)
         s = OpenAISTTSettings(parse_endpoint(options, base_dir))
-        if "language" in options:
-            lang = options["language"].strip().lower()
-            if lang == "auto":
-                s = attrs.evolve(s, language=None)
-            elif re.fullmatch(r"[a-z]{2,3}", lang):
-                s = attrs.evolve(s, language=lang)
-            else:
-                raise EngineOptionError("language", f"expected a language code like 'en' or 'auto', got {options['language']!r}")
+        s = attrs.evolve(s, language=parse_language(options, "language", s.language))
         s = attrs.evolve(s, timeout=parse_seconds(options, "timeout", s.timeout))
         if "interim" in options:
             s = attrs.evolve(s, interim=parse_bool(options, "interim"))

@@ -26,7 +26,6 @@ Options (``stt.*`` in an agent section):
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 from upvoot._env import set_offline_environment
@@ -44,7 +43,7 @@ from upvoot.engines.interfaces import (  # noqa: E402
     IEngineFactory,
     ISpeechToText,
 )
-from upvoot.engines.options import parse_int, parse_path, reject_unknown  # noqa: E402
+from upvoot.engines.options import parse_int, parse_language, parse_path, reject_unknown  # noqa: E402
 
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "default", "auto")
 
@@ -118,14 +117,7 @@ class WhisperFactory:
         if "model" in options:
             # existence is checked by build(), which says what a model directory needs
             s = attrs.evolve(s, model=parse_path(options, "model", base_dir, must_exist=False))
-        if "language" in options:
-            lang = options["language"].strip().lower()
-            if lang == "auto":
-                s = attrs.evolve(s, language=None)
-            elif re.fullmatch(r"[a-z]{2,3}", lang):
-                s = attrs.evolve(s, language=lang)
-            else:
-                raise EngineOptionError("language", f"expected a language code like 'en' or 'auto', got {options['language']!r}")
+        s = attrs.evolve(s, language=parse_language(options, "language", s.language))
         if "beam_size" in options:
             s = attrs.evolve(s, beam_size=parse_int(options, "beam_size", 1, 10))
         if "cpu_threads" in options:

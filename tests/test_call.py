@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from upvoot.audio import FRAME_BYTES
-from upvoot.call.machine import EndReason, new_call, state_of
-from upvoot.call.playout import Pacer
+from upvoot.call import CallOutcome, Pacer, new_call, state_of
+from upvoot.ledger.billing import points_for
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, WORD_SECONDS, agent_config, make_agent, quiet, speech
 
 STEP = 0.02
@@ -22,14 +23,21 @@ class Harness:
         self.pacer = Pacer(self.clock)
         self.ended: list[dict] = []
         self.agent = make_agent(config or agent_config(), stt=stt, tts=tts)
-        self.machine, self.core = new_call(self.agent, self.out, self.clock, self.pacer, self.ended.append)
+        self.call = new_call(self.agent, self.out, self.clock, self.pacer, self._ended)
+        self.report = self.call.report
+
+    def _ended(self, outcome: CallOutcome) -> None:
+        """The outcome as a dict, with the points the ledger charges for it."""
+        cfg = self.agent.config
+        self.ended.append(dict(attrs.asdict(outcome, recurse=False),
+                               points_charged=points_for(outcome.duration, cfg.billing_increment, cfg.points_per_increment)))
 
     def start(self):
-        self.machine.start()
+        self.call.start()
 
     @property
     def state(self):
-        return state_of(self.machine)
+        return state_of(self.call)
 
     def wait(self, seconds: float, audio: bytes | None = None):
         """Advance time in 20 ms steps, feeding ``audio`` (or silence) as the caller."""
@@ -37,8 +45,8 @@ class Harness:
         pcm = audio if audio is not None else quiet(seconds)
         for i in range(n):
             frame = pcm[i * FRAME_BYTES:(i + 1) * FRAME_BYTES]
-            if frame and not self.core._finished:
-                self.core.caller_audio(frame)
+            if frame and self.state != "ended":
+                self.call.caller_audio(frame)
             self.clock.advance(STEP)
 
     def say(self, seconds: float):
@@ -90,9 +98,9 @@ def test_full_turn_messages_in_order():
     assert kinds.index("interim") < final
     assert kinds[final:final + 3] == ["transcript", "turn_start", "audio_start"]
     assert h.out.transcripts()[-2:] == [("caller", "what are your opening hours"), ("agent", "We are open nine to five.")]
-    assert h.core.turns == 1
-    assert [t.role for t in h.core.history] == ["agent", "caller", "agent"]
-    (lat,) = h.core.latencies
+    assert h.report.turns == 1
+    assert [t.role for t in h.report.history] == ["agent", "caller", "agent"]
+    (lat,) = h.report.latencies
     assert lat["endpointing"] == pytest.approx(0.6, abs=0.03)
     assert lat["voice_to_voice"] == pytest.approx(sum(lat[k] for k in ("endpointing", "transcription", "first_token", "first_audio")), abs=1e-3)
 
@@ -117,8 +125,8 @@ def test_barge_in_pauses_within_two_frames_then_drops_the_rest():
     assert ("clear",) in h.out.events and ("audio_end", True) in h.out.events
     heard = [e for e in h.out.events if e[:2] == ("transcript", "agent")][-1][2]
     assert heard.startswith("One two three") and "twelve" not in heard
-    assert h.core.history[-1].text == heard
-    assert h.core.barge_ins == 1
+    assert h.report.history[-1].text == heard
+    assert h.report.barge_ins == 1
 
 
 def test_barge_in_stops_synthesis_of_the_rest_of_the_reply():
@@ -139,7 +147,7 @@ def test_barge_in_stops_synthesis_of_the_rest_of_the_reply():
     assert len(asked) < len(sentences)
     assert not any(s in later for s in sentences), "no synthesis of the dropped reply after the barge-in"
     assert h.clock.getDelayedCalls() != []  # the call goes on (silence timers), but:
-    h.machine.hangup()
+    h.call.hangup()
     assert h.clock.getDelayedCalls() == []
 
 
@@ -154,7 +162,7 @@ def test_noise_blip_resumes_the_reply():
     h.wait(0.1, speech(0.1))  # a click: below barge_in_min and min_utterance
     h.until("speaking", limit=2.0)
     h.until("listening")
-    assert h.core.barge_ins == 0 and h.core.barge_ins_resumed == 1
+    assert h.report.barge_ins == 0 and h.report.barge_ins_resumed == 1
     assert h.out.transcripts()[-1] == ("agent", "One two three four five six seven eight.")
 
 
@@ -207,7 +215,7 @@ def test_max_turns_closes_after_the_last_reply():
     for _ in range(2):
         h.say(0.8)
         h.until("speaking", limit=2.0)
-        h.until("listening" if h.core.turns < 1 else "ending")
+        h.until("listening" if h.report.turns < 1 else "ending")
     h.until("ended")
     assert h.ended[0]["end_reason"] == "max_turns"
     assert h.ended[0]["turns"] == 2
@@ -215,7 +223,7 @@ def test_max_turns_closes_after_the_last_reply():
 
 def test_end_call_says_goodbye_then_closes():
     h = greeted()
-    h.machine.end_requested()
+    h.call.end_requested()
     assert h.state == "ending"
     h.until("ended")
     assert h.out.transcripts()[-1] == ("agent", "Goodbye from us")
@@ -238,11 +246,11 @@ def test_hangup_mid_greeting_leaves_nothing_behind():
     h = Harness()
     h.start()
     h.wait(0.1)
-    h.machine.hangup()
+    h.call.hangup()
     assert h.state == "ended"
     assert h.clock.getDelayedCalls() == []
     assert len(h.ended) == 1 and h.ended[0]["end_reason"] == "hangup"
-    h.machine.hangup()  # twice is harmless
+    h.call.hangup()  # twice is harmless
     assert len(h.ended) == 1
 
 
@@ -254,7 +262,7 @@ def test_hangup_while_thinking_cancels_the_transcription():
     h.say(0.8)
     h.until("thinking", limit=2.0)
     pending = list(stt.pending)
-    h.machine.hangup()
+    h.call.hangup()
     assert pending and all(d.called for d in pending)  # cancelled
     assert h.clock.getDelayedCalls() == []
 
@@ -300,7 +308,7 @@ def test_points_by_rate_and_increment():
                              silence_prompt_after=0.0))
     h.start()
     h.wait(61.0)
-    h.machine.hangup()
+    h.call.hangup()
     assert h.ended[0]["points_charged"] == 6  # two started minutes at 3 points
 
 
@@ -310,13 +318,13 @@ def test_dtmf_is_a_caller_turn_and_interrupts():
     h = Harness(cfg, stt=QueueSTT(["hours"]))
     h.start()
     h.until("listening")
-    h.core.caller_dtmf("1")
+    h.call.caller_dtmf("1")
     h.until("listening")
     assert h.out.transcripts()[-2:] == [("caller", "DTMF 1"), ("agent", "You pressed one.")]
     h.say(0.8)
     h.until("speaking", limit=2.0)
     h.wait(0.5)
-    h.core.caller_dtmf("1")  # interrupts the long reply
+    h.call.caller_dtmf("1")  # interrupts the long reply
     assert ("audio_end", True) in h.out.events
     h.until("listening")
     assert h.out.transcripts()[-1] == ("agent", "You pressed one.")
@@ -330,7 +338,7 @@ def test_dtmf_waits_for_the_agent_when_configured_not_to_interrupt():
     h.until("listening")
     h.say(0.8)
     h.until("speaking", limit=2.0)
-    h.core.caller_dtmf("1")
+    h.call.caller_dtmf("1")
     assert ("audio_end", True) not in h.out.events
     h.until("listening")
     h.wait(0.1)

@@ -14,6 +14,7 @@ import io
 import json
 import wave
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -22,13 +23,13 @@ from twisted.web import resource, server
 
 from upvoot.daemon.agents import Agent
 from upvoot.audio import FRAME_BYTES, RATE, tone
-from upvoot.call.machine import new_call, state_of
+from upvoot.call import new_call, state_of
 from upvoot.engines import get_factory
 from upvoot.engines.interfaces import EngineBusy, EngineContext, EngineOptionError, EngineUnavailable, ReplyEndCall, ReplyText, Turn
 from upvoot.engines.openai import OpenAIError
 from upvoot.engines.openai_llm import build_messages
 from upvoot.engines.sse import Event, SSEParser
-from upvoot.call.playout import Pacer
+from upvoot.call import Pacer
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, agent_config, make_agent, quiet, speech
 
 KEY = "sk-test-0123456789"
@@ -438,6 +439,28 @@ def test_options_are_validated(tmp_path):
         f.build(unset, EngineContext(pool=None, clock=Clock()))
 
 
+_BASE = {"base_url": "https://x/v1", "model": "m"}
+DURATIONS = [
+    # (kind, option, text, seconds or None for refused): the ini's own duration grammar
+    ("stt", "timeout", "1500ms", 1.5), ("stt", "timeout", "0.5m", 30.0), ("stt", "timeout", "1h", 3600.0),
+    ("stt", "timeout", "7", 7.0), ("tts", "timeout", "2s", 2.0), ("brain", "reply_timeout", "1h", 3600.0),
+    ("stt", "timeout", "2h", None), ("stt", "timeout", "1d", None), ("tts", "timeout", "0", None),
+    ("brain", "first_token_timeout", "soon", None), ("stt", "timeout", "10 S", None),
+]
+
+
+@pytest.mark.parametrize("kind, option, text, seconds", DURATIONS, ids=[f"{k}.{o}={t}" for k, o, t, _ in DURATIONS])
+def test_engine_durations_use_the_config_grammar(kind, option, text, seconds):
+    f = get_factory(kind, "openai")
+    if seconds is None:
+        with pytest.raises(EngineOptionError) as e:
+            f.parse_options(dict(_BASE, **{option: text}), ".")
+        assert e.value.option == option
+        assert "out of range (1ms..1h)" in e.value.message or "expected a duration like 600ms" in e.value.message
+    else:
+        assert getattr(f.parse_options(dict(_BASE, **{option: text}), "."), option) == pytest.approx(seconds)
+
+
 # ================================================================ speech
 
 
@@ -548,16 +571,16 @@ async def test_a_call_with_the_openai_brain_ends_by_its_tool(api):
     clock.advance(1000.0)
     out = RecordingOutput()
     ended: list[dict] = []
-    machine, core = new_call(agent, out, clock, Pacer(clock), ended.append)
+    call = new_call(agent, out, clock, Pacer(clock), lambda outcome: ended.append(attrs.asdict(outcome, recurse=False)))
 
     def step(audio: bytes = b"") -> None:
         frame = audio[:FRAME_BYTES] or quiet(0.02)
-        if not core._finished:
-            core.caller_audio(frame)
+        if state_of(call) != "ended":
+            call.caller_audio(frame)
         clock.advance(0.02)
 
-    machine.start()
-    while state_of(machine) != "listening":
+    call.start()
+    while state_of(call) != "listening":
         step()
     said = speech(0.8)
     for i in range(0, len(said), FRAME_BYTES):

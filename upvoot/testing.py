@@ -2,7 +2,8 @@
 
 Used by UpVoot's own unit tests and offered to integrators who want to test
 their flows against the call machine without models. They implement the
-same interfaces as the real engines; nothing here is used by the daemon.
+same interfaces as the real engines; nothing here is used by the daemon. Test tooling: it stands above the layers and may build
+what any of them uses (``make_agent`` builds a daemon ``Agent``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from upvoot.daemon.agents import Agent, PhraseCache
 from upvoot.audio import FRAME_BYTES, silence, tone
+from upvoot.call.line import ILine
 from upvoot.config import AgentConfig, EngineSpec
+from upvoot.daemon.agents import Agent, PhraseCache  # an Agent is what a call runs: test tooling builds one
 from upvoot.engines.energy import EnergySettings, EnergyVAD
 from upvoot.engines.interfaces import ISpeechToText, ITextToSpeech, Turn
 from upvoot.engines.scripted import ScriptedBrain, factory as scripted_factory
@@ -76,10 +78,15 @@ class ToneTTS:
             yield tone(self.freq, WORD_SECONDS)
 
 
+@implementer(ILine)
 class RecordingOutput:
-    """An ICallOutput that records everything, in order."""
+    """An ``ILine`` that records everything, in order. By default it
+    acknowledges no playout (the raw protocol); ``acknowledges_playout=True``
+    makes it a provider's line, whose marks are recorded as ``("mark", name, last)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, acknowledges_playout: bool = False, min_lead: float = 0.0) -> None:
+        self.acknowledges_playout = acknowledges_playout
+        self.min_lead = min_lead
         self.events: list[tuple] = []
         self.audio_bytes = 0
         self.closed = False
@@ -95,6 +102,9 @@ class RecordingOutput:
 
     def audio_end(self, interrupted: bool) -> None:
         self.events.append(("audio_end", interrupted))
+
+    def mark(self, name: str, last: bool) -> None:
+        self.events.append(("mark", name, last))
 
     def transcript(self, role: str, text: str) -> None:
         self.events.append(("transcript", role, text))

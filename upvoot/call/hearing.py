@@ -1,4 +1,8 @@
-"""Turn-taking from per-frame VAD decisions: when the caller starts, keeps on,
+"""Hearing the caller: turn-taking from per-frame VAD decisions (``Endpointer``),
+the caller's audio cut into frames for it (``Ear``), and the partial
+transcripts shown while the caller speaks (``Interims``).
+
+The endpointer's rules: when the caller starts, keeps on,
 and stops speaking. Sans-IO: feed it 20 ms frames, it returns events.
 
 - Onset: two voiced frames in a row (40 ms). The agent pauses on onset, so a
@@ -17,10 +21,14 @@ and stops speaking. Sans-IO: feed it 20 ms frames, it returns events.
 from __future__ import annotations
 
 import collections
+from typing import Any, Callable, Iterator
 
 import attrs
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from upvoot.audio import FRAME_BYTES, FRAME_MS
+from upvoot.engines.interfaces import EngineBusy
 
 
 @attrs.frozen
@@ -125,3 +133,67 @@ class Endpointer:
         self._run = 0
         self._utterance = bytearray()
         self._pre.clear()
+
+
+class Ear:
+    """The caller's audio, any length, re-chunked into 20 ms frames for the
+    VAD and the endpointer: ``hear(pcm)`` returns the endpointer's events."""
+
+    def __init__(self, detector: Any, endpointer: Endpointer) -> None:
+        self._detector = detector  # upvoot.engines.interfaces: a VAD's per-call detector
+        self.endpointer = endpointer
+        self._pending = bytearray()
+
+    def hear(self, pcm: bytes) -> Iterator[object]:
+        self._pending += pcm
+        while len(self._pending) >= FRAME_BYTES:
+            frame = bytes(self._pending[:FRAME_BYTES])
+            del self._pending[:FRAME_BYTES]
+            yield from self.endpointer.feed(frame, self._detector.is_speech(frame))
+
+
+class Interims:
+    """State data of ``hearing``: partial transcripts of the utterance in
+    progress, decoded every ``interval`` seconds, one decode at a time, each
+    new text handed to ``show`` (``ILine.interim``). ``cancel`` when the
+    state is left."""
+
+    MIN_VOICED = 0.3  # seconds of voiced audio before the first decode
+
+    def __init__(self, clock: Any, interval: float, stt: Any, endpointer: Endpointer,
+                 show: Callable[[str], None], failed: Callable[[BaseException], None]) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._stt = stt
+        self._endpointer = endpointer
+        self._show = show
+        self._failed = failed
+        self._timer = clock.callLater(interval, self._tick) if interval else None
+        self._inflight: defer.Deferred | None = None
+        self._last = ""
+
+    def _tick(self) -> None:
+        self._timer = self._clock.callLater(self._interval, self._tick)
+        if self._inflight is not None or self._endpointer.voiced_seconds < self.MIN_VOICED:
+            return
+        d = self._inflight = self._stt.transcribe(self._endpointer.utterance, False)
+        d.addCallbacks(self._got, self._lost)
+
+    def _got(self, text: str) -> None:
+        self._inflight = None
+        text = (text or "").strip()
+        if text and text != self._last:
+            self._last = text
+            self._show(text)
+
+    def _lost(self, failure: Failure) -> None:
+        self._inflight = None
+        if not failure.check(defer.CancelledError, EngineBusy):
+            self._failed(failure.value)
+
+    def cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._inflight is not None:
+            self._inflight.cancel()

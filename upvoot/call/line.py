@@ -1,6 +1,7 @@
 """The call's outbound side: what a call does to its phone line.
 
-The call core writes to an ``ILine`` and never asks what is behind it. The
+The call core writes to an ``ILine`` and never asks what is behind it, and
+records itself into an ``ICallRecorder`` when it is given one. The
 daemon implements it over a socket and a provider framing
 (``upvoot.daemon.line``); tests implement it with a list.
 """
@@ -49,3 +50,23 @@ class ILine(Interface):
 
     def close() -> None:
         """The call is over: flush what is pending and close the line."""
+
+
+class ICallRecorder(Interface):
+    """Where a call records its two sides, each at the time it is heard.
+
+    ``t`` is seconds since the call started at which the audio plays at the
+    caller's ear: caller audio when it arrives; an agent frame when it
+    will play, after the audio queued ahead of it. Upvoot's implementation
+    is ``upvoot.ledger.recordings.CallRecorder``."""
+
+    relpath = Attribute("str: where the recording will be, relative to the state directory (for the call record)")
+
+    def caller(t: float, pcm: bytes) -> None:
+        """Caller audio (16 kHz mono s16le) heard at ``t``."""
+
+    def agent(t: float, pcm: bytes) -> None:
+        """Agent audio (16 kHz mono s16le) that plays at ``t``."""
+
+    def stop(duration: float) -> None:
+        """The call is over after ``duration`` seconds: nothing more comes."""

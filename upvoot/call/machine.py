@@ -1,27 +1,34 @@
 """The call: an explicit state machine that listens, thinks and speaks.
 
-Sans-IO: it talks to an ``ICallOutput`` (the WebSocket adapter implements it
-through a provider framing) and to the engine seams, and it reads time only
-from the injected clock. It knows nothing of Autobahn, Exotel or Twilio, so
-unit tests drive it with ``task.Clock`` and fake engines, and the daemon
-drives the very same machine over a socket.
+The machine decides, ``CallCore`` does: every transition below names what
+the core must do, and the core reports facts back only by posting inputs
+(``upvoot.call.inputs``), which the handle fires after the transition in
+progress has returned, never inside it. Where order matters it is in this
+table: a reply that played out is one input (``reply_played``), the closing
+line another (``closing_played``); the silence timers of ``listening`` read
+the ``SilenceClock``, which the core set when the audio finished playing.
 
 States (Automat ``TypeMachineBuilder``)::
 
     new --start--> speaking (greeting)
     listening --speech_started--> hearing --utterance_ended--> thinking
-    thinking --reply_ready--> speaking --playout_finished--> listening
+    thinking --reply_ready--> speaking --reply_played--> listening
     speaking --speech_started--> paused   (agent audio paused at once)
     paused --speech_confirmed--> hearing  (barge-in: rest of reply dropped)
     paused --speech_discarded--> speaking (not speech after all: resume)
+    speaking --agent_finished--> ended    (the brain ended the call)
     any live state --limits / end_requested / turn_failed--> ending
-    ending --playout_finished--> ended;  any --hangup--> ended
+    ending --closing_played--> ended;  any --hangup--> ended
 
 Ownership: every timer and in-flight Deferred belongs to the state that
 started it (the silence timers to ``listening``, the interim decoder to
 ``hearing``, the reply producer to thinking/speaking/paused, the closing
 line to ``ending``) and is cancelled when that state is left. ``ended``
 cancels whatever is left, so a finished call holds no delayed call.
+
+Every (state, input) pair is declared: those not below are facts that do
+not matter in that state (they loop, doing nothing). ``TRANSITIONS`` maps
+each pair to its target state, so the handle knows the state it is in.
 """
 
 from __future__ import annotations
@@ -30,36 +37,50 @@ from typing import Any, Callable
 
 from automat import TypeMachineBuilder
 
-from upvoot.call.core import CallCore, CallInputs, EndReason, Hearing, ICallOutput, Listening
-from upvoot.call.playout import Pacer
+from upvoot.call.core import CallCore
+from upvoot.call.hearing import Interims
+from upvoot.call.inputs import INPUT_NAMES, CallInputs
+from upvoot.call.limits import Listening
+from upvoot.call.outcome import EndReason
+from upvoot.call.speaking import ReplyKind
 
-__all__ = ["CallInputs", "CallCore", "EndReason", "ICallOutput", "new_call", "state_of", "CallMachine"]
-
-# ============================================================== the machine
+__all__ = ["CallMachine", "INITIAL", "STATES", "TRANSITIONS"]
 
 builder = TypeMachineBuilder(CallInputs, CallCore)
 new = builder.state("new")
-listening = builder.state("listening", lambda proto, core, *a: Listening(core, proto))
-hearing = builder.state("hearing", lambda proto, core, *a: Hearing(core, proto))
+listening = builder.state("listening", lambda proto, core: core.listening())
+hearing = builder.state("hearing", lambda proto, core: core.interims())
 thinking = builder.state("thinking")
 speaking = builder.state("speaking")
 paused = builder.state("paused")
 ending = builder.state("ending")
 ended = builder.state("ended")
 
-_handled: set[tuple[str, str]] = set()
+INITIAL = new.name
+STATES = (new, listening, hearing, thinking, speaking, paused, ending, ended)
+_LIVE = (listening, hearing, thinking, speaking, paused)
+
+TRANSITIONS: dict[tuple[str, str], str] = {}
 
 
-def on(state, inp, target):
-    _handled.add((state.name, inp.__name__))
-    return state.upon(inp).to(target)
+def _leave(data: tuple[object, ...]) -> None:
+    """For transitions declared on several states: cancel the state data of
+    the state being left when it has some (listening's timers, hearing's
+    interim decoder); Automat passes it as the third argument."""
+    for each in data:
+        each.cancel()  # type: ignore[attr-defined]
+
+
+def on(old: Any, inp: Callable[..., None], new_state: Any) -> Any:
+    """Declare ``old --inp--> new_state``; decorate its implementation."""
+    TRANSITIONS[(old.name, inp.__name__)] = new_state.name
+    return old.upon(inp).to(new_state)
 
 
 # --- new
 @on(new, CallInputs.start, speaking)
 def _start(proto: CallInputs, core: CallCore) -> None:
-    core.start_timers()
-    core.say(core.agent.config.greeting, "greeting")
+    core.begin()
 
 
 # --- listening
@@ -71,54 +92,49 @@ def _listen_hear(proto: CallInputs, core: CallCore, data: Listening) -> None:
 @on(listening, CallInputs.silence_prompt_due, speaking)
 def _prompt(proto: CallInputs, core: CallCore, data: Listening) -> None:
     data.cancel()
-    core.say(core.agent.config.silence_prompt, "prompt")
+    core.say(core.agent.config.silence_prompt, ReplyKind.PROMPT)
 
 
 @on(listening, CallInputs.wrap_up_due, speaking)
 def _warn(proto: CallInputs, core: CallCore, data: Listening) -> None:
     data.cancel()
-    core.say(core.agent.config.wrap_up_warning, "warning")
+    core.say(core.agent.config.wrap_up_warning, ReplyKind.WARNING)
 
 
-# --- hearing
-@on(hearing, CallInputs.speech_discarded, listening)
-def _hear_discard(proto: CallInputs, core: CallCore, data: Hearing) -> None:
-    data.cancel()
-
-
-@on(hearing, CallInputs.utterance_ended, thinking)
-def _hear_end(proto: CallInputs, core: CallCore, data: Hearing, pcm: bytes) -> None:
-    data.cancel()
-    core.start_turn(pcm)
-
-
-# --- keypad digits: a caller turn whose text is known
 @on(listening, CallInputs.digit_pressed, thinking)
 def _digit_listen(proto: CallInputs, core: CallCore, data: Listening, text: str) -> None:
     data.cancel()
     core.start_text_turn(text)
 
 
-@on(hearing, CallInputs.digit_pressed, thinking)
-def _digit_hear(proto: CallInputs, core: CallCore, data: Hearing, text: str) -> None:
+@on(listening, CallInputs.digit_waiting, thinking)
+def _digit_waiting_listen(proto: CallInputs, core: CallCore, data: Listening, text: str) -> None:
     data.cancel()
-    core.endpointer.reset()
     core.start_text_turn(text)
 
 
-@on(thinking, CallInputs.digit_pressed, thinking)
-def _digit_think(proto: CallInputs, core: CallCore, text: str) -> None:
-    core.start_text_turn(text)
+# --- hearing
+@on(hearing, CallInputs.speech_discarded, listening)
+def _hear_discard(proto: CallInputs, core: CallCore, data: Interims) -> None:
+    data.cancel()
 
 
-for _state in (speaking, paused):
+@on(hearing, CallInputs.utterance_ended, thinking)
+def _hear_end(proto: CallInputs, core: CallCore, data: Interims, pcm: bytes) -> None:
+    data.cancel()
+    core.start_turn(pcm)
 
-    def _digit_interrupts(proto: CallInputs, core: CallCore, text: str) -> None:
-        core.barge_in()
-        core.start_text_turn(text)
 
-    _digit_interrupts.__name__ = f"digit_from_{_state.name}"
-    on(_state, CallInputs.digit_pressed, thinking)(_digit_interrupts)
+@on(hearing, CallInputs.digit_pressed, thinking)
+def _digit_hear(proto: CallInputs, core: CallCore, data: Interims, text: str) -> None:
+    data.cancel()
+    core.digit_turn_while_hearing(text)
+
+
+@on(hearing, CallInputs.digit_waiting, thinking)
+def _digit_waiting_hear(proto: CallInputs, core: CallCore, data: Interims, text: str) -> None:
+    data.cancel()
+    core.digit_turn_while_hearing(text)
 
 
 # --- thinking
@@ -129,16 +145,22 @@ def _think_speak(proto: CallInputs, core: CallCore) -> None:
 
 @on(thinking, CallInputs.nothing_heard, listening)
 def _think_nothing(proto: CallInputs, core: CallCore) -> None:
-    core.reply = None
+    core.forget_reply()
 
 
 @on(thinking, CallInputs.speech_started, hearing)
 def _think_more(proto: CallInputs, core: CallCore) -> None:
-    if core.reply is not None and core.reply.committed:
-        core.reply.cancel()
-        core.reply = None
-    else:
-        core.abandon_turn()  # keeps core.reply so its audio joins the next turn
+    core.caller_resumed()
+
+
+@on(thinking, CallInputs.digit_pressed, thinking)
+def _digit_think(proto: CallInputs, core: CallCore, text: str) -> None:
+    core.start_text_turn(text)
+
+
+@on(thinking, CallInputs.digit_waiting, thinking)
+def _digit_waiting_think(proto: CallInputs, core: CallCore, text: str) -> None:
+    core.start_text_turn(text)
 
 
 # --- speaking
@@ -147,16 +169,14 @@ def _speak_pause(proto: CallInputs, core: CallCore) -> None:
     core.pause()
 
 
-@on(speaking, CallInputs.playout_finished, listening)
+@on(speaking, CallInputs.reply_played, listening)
 def _speak_done(proto: CallInputs, core: CallCore) -> None:
-    pass  # CallCore.after_playout already ran: the silence timers need it
+    core.after_playout()
 
 
 @on(speaking, CallInputs.agent_finished, ended)
 def _agent_done(proto: CallInputs, core: CallCore) -> None:
-    core.reply = None
-    core.end_reason = EndReason.AGENT
-    core.finish()
+    core.finish(EndReason.AGENT)
 
 
 # --- paused
@@ -176,94 +196,71 @@ def _barge_turn(proto: CallInputs, core: CallCore, pcm: bytes) -> None:
     core.start_turn(pcm)
 
 
-# --- the ways to end, from every live state
-_LIVE = (listening, hearing, thinking, speaking, paused)
+# --- while the agent speaks, a digit interrupts it or waits for it
+def _digit_interrupts(proto: CallInputs, core: CallCore, text: str) -> None:
+    core.barge_in()
+    core.start_text_turn(text)
 
 
-def _ending(inp, reason: EndReason, line_of: Callable[[Any], str]) -> None:
-    for state in _LIVE:
-        reg = on(state, inp, ending)
-        if state in (listening, hearing):
-
-            def impl(proto, core, data: object, *a, _reason=reason, _line=line_of):
-                data.cancel()
-                core.begin_ending(_reason, _line(core.agent.config))
-
-        else:
-
-            def impl(proto, core, *a, _reason=reason, _line=line_of):
-                core.begin_ending(_reason, _line(core.agent.config))
-
-        impl.__name__ = f"end_{reason.value}_from_{state.name}"
-        reg(impl)
+def _digit_waits(proto: CallInputs, core: CallCore, text: str) -> None:
+    core.hold_digit(text)
 
 
-_ending(CallInputs.end_requested, EndReason.END_CALL, lambda c: c.goodbye)
-_ending(CallInputs.silence_timeout, EndReason.SILENCE, lambda c: c.closing_silence)
-_ending(CallInputs.time_up, EndReason.MAX_DURATION, lambda c: c.closing_max_duration)
-_ending(CallInputs.turns_exhausted, EndReason.MAX_TURNS, lambda c: c.closing_max_turns)
-_ending(CallInputs.turn_failed, EndReason.ERROR, lambda c: c.closing_error)
-_ending(CallInputs.shutdown, EndReason.SHUTDOWN, lambda c: c.goodbye)
+for _state in (speaking, paused):
+    on(_state, CallInputs.digit_pressed, thinking)(_digit_interrupts)
+    on(_state, CallInputs.digit_waiting, _state)(_digit_waits)
 
 
-@on(ending, CallInputs.playout_finished, ended)
+# --- the wrap-up warning while busy: said at the next quiet moment
+def _wrap_up_later(proto: CallInputs, core: CallCore, *data: object) -> None:
+    core.wrap_up_pending = True
+
+
+for _state in (hearing, thinking, speaking, paused):
+    on(_state, CallInputs.wrap_up_due, _state)(_wrap_up_later)
+
+
+# --- the ways to end, from every live state: the reason, and the closing line said
+_ENDINGS: tuple[tuple[Callable[..., None], EndReason, Callable[[Any], str]], ...] = (
+    (CallInputs.end_requested, EndReason.END_CALL, lambda cfg: cfg.goodbye),
+    (CallInputs.silence_timeout, EndReason.SILENCE, lambda cfg: cfg.closing_silence),
+    (CallInputs.time_up, EndReason.MAX_DURATION, lambda cfg: cfg.closing_max_duration),
+    (CallInputs.turns_exhausted, EndReason.MAX_TURNS, lambda cfg: cfg.closing_max_turns),
+    (CallInputs.turn_failed, EndReason.ERROR, lambda cfg: cfg.closing_error),
+    (CallInputs.shutdown, EndReason.SHUTDOWN, lambda cfg: cfg.goodbye),
+)
+
+
+def _begin_ending(reason: EndReason, line_of: Callable[[Any], str]) -> Callable[..., None]:
+    def begin_ending(proto: CallInputs, core: CallCore, *data: object) -> None:
+        _leave(data)
+        core.begin_ending(reason, line_of(core.agent.config))
+
+    return begin_ending
+
+
+for _inp, _reason, _line in _ENDINGS:
+    for _state in _LIVE:
+        on(_state, _inp, ending)(_begin_ending(_reason, _line))
+
+
+@on(ending, CallInputs.closing_played, ended)
 def _ended(proto: CallInputs, core: CallCore) -> None:
     core.finish()
 
 
-for _state in _LIVE + (ending, new):
-    reg = on(_state, CallInputs.hangup, ended)
-    if _state in (listening, hearing):
-
-        def _hang(proto, core, data: object):
-            data.cancel()
-            core.finish(EndReason.HANGUP)
-
-    else:
-
-        def _hang(proto, core):
-            core.finish(EndReason.HANGUP)
-
-    _hang.__name__ = f"hangup_from_{_state.name}"
-    reg(_hang)
+def _hang_up(proto: CallInputs, core: CallCore, *data: object) -> None:
+    _leave(data)
+    core.finish(EndReason.HANGUP)
 
 
-# wrap-up warning while busy: say it at the next quiet moment
-for _state in (hearing, thinking, speaking, paused):
+for _state in STATES[:-1]:
+    on(_state, CallInputs.hangup, ended)(_hang_up)
 
-    if _state is hearing:
-
-        def _later(proto, core, data: object):
-            core.wrap_up_pending = True
-
-    else:
-
-        def _later(proto, core):
-            core.wrap_up_pending = True
-
-    _handled.add((_state.name, "wrap_up_due"))
-    _state.upon(CallInputs.wrap_up_due).loop()(_later)
-
-# every other (state, input) pair is a fact that does not matter there
-for _state in (new, listening, hearing, thinking, speaking, paused, ending, ended):
-    for _name in ("start", "speech_started", "speech_confirmed", "speech_discarded", "utterance_ended", "digit_pressed",
-                  "nothing_heard", "reply_ready", "playout_finished", "agent_finished", "turns_exhausted",
-                  "turn_failed", "silence_prompt_due", "silence_timeout", "wrap_up_due", "time_up",
-                  "end_requested", "shutdown", "hangup"):
-        if (_state.name, _name) not in _handled:
-            _state.upon(getattr(CallInputs, _name)).loop().returns(None)
+# --- every other (state, input) pair is a fact that does not matter there
+for _state in STATES:
+    for _name in INPUT_NAMES:
+        if (_state.name, _name) not in TRANSITIONS:
+            on(_state, getattr(CallInputs, _name), _state).returns(None)
 
 CallMachine = builder.build()
-
-
-def new_call(agent: Any, output: ICallOutput, clock: Any, pacer: Pacer, on_ended: Callable[[dict], None], **kw: Any) -> tuple[CallInputs, CallCore]:
-    """Make a call machine (not yet started: call ``machine.start()``)."""
-    core = CallCore(agent, output, clock, pacer, on_ended, **kw)
-    machine = CallMachine(core)
-    core.machine = machine
-    return machine, core
-
-
-def state_of(machine: CallInputs) -> str:
-    """The current state's name (for tests and logs)."""
-    return machine.__automat_transitioner__._state.name  # type: ignore[attr-defined]

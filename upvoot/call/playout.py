@@ -1,4 +1,12 @@
-"""Real-time pacing of agent audio, and the playout clock of what was heard.
+"""Agent speech on its way to the caller's ear: pacing, the playout clock,
+and the mark ledger.
+
+- ``Playback``: one stretch of agent speech (a reply, a greeting, a closing
+  line): the audio a producer queues for it, what was sent, and our estimate
+  of what has *played* at the caller's end.
+- ``Pacer``: the one shared 20 ms tick that sends every playback's audio.
+- ``MarkLedger``: the call's playout marks (name -> playback, position) for
+  lines that acknowledge playout.
 
 Why pace at all: a provider plays audio at real time. Dumping a whole reply
 at once means a barge-in cannot stop what is already in the provider's
@@ -10,26 +18,25 @@ process (cheaper than a timer per call, and one place to measure reactor
 lag). The tick only runs while some playback is active, so an idle process
 (and a finished unit test) holds no delayed calls.
 
-The playout model: the caller's player starts at the first frame and plays
-at real time; if we fall behind (synthesis slower than real time), it
-plays silence and resumes when audio arrives. ``played`` is our estimate of
-the byte position at the caller's ear; ``sent`` is what we have written.
-For providers that acknowledge playback with marks the call can use those
-instead; for the raw protocol this clock is the truth.
+The playout clock: the caller's player starts at the first frame and plays
+at real time; if we fall behind (synthesis slower than real time), it plays
+silence and resumes when audio arrives. ``played`` is our estimate of the
+byte position at the caller's ear; ``sent`` is what we have written. Where
+the line acknowledges playout, a playback asks for a mark every
+``MARK_EVERY`` bytes and at its end, and the marks that come back
+(``MarkLedger.acknowledged``) are the clock of what was heard; for the raw
+protocol our estimate is the truth.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from upvoot.timing import Lateness
 from upvoot.audio import BYTES_PER_SECOND, FRAME_BYTES
-
-
-class AudioSink(Protocol):
-    def audio(self, pcm: bytes) -> None: ...
 
 
 class Sentence:
@@ -45,22 +52,37 @@ class Playback:
     """One stretch of agent speech (a reply, a greeting, a closing line).
 
     Audio is appended by a producer (``add``), labelled with the sentence it
-    speaks, and sent by the pacer. ``finish`` says no more audio will come;
-    ``on_played`` fires once everything sent has played at the caller's end.
+    speaks, and sent to ``line`` (anything with ``audio(pcm)``) by the pacer.
+    ``finish`` says no more audio will come; ``on_played`` fires once
+    everything sent has played at the caller's end.
+
+    ``marks``: the call's ``MarkLedger`` when the line acknowledges playout
+    (then its marks are the clock of what was heard), else None.
+    ``on_sent(pcm, ahead)``: called with each frame as it is sent, ``ahead``
+    being the seconds of audio queued at the caller's end before it (so the
+    frame plays ``ahead`` seconds from now); the call records agent audio
+    with it.
     """
 
     MARK_EVERY = 6400  # bytes (200 ms) between playout marks
     MARK_GRACE = 1.5  # seconds past the estimate before a missing mark is given up on
 
-    def __init__(self, sink: AudioSink, lead: float, on_played: Callable[[], None]) -> None:
-        self._sink = sink
-        # providers that acknowledge playback: their marks are the clock
-        self.marks = bool(getattr(sink, "marks_playout", False))
+    def __init__(
+        self,
+        line: Any,
+        lead: float,
+        on_played: Callable[[], None],
+        *,
+        marks: "MarkLedger | None" = None,
+        on_sent: Callable[[bytes, float], None] | None = None,
+    ) -> None:
+        self._line = line
+        self._marks = marks
+        self._on_sent = on_sent
         self.acked = 0
         self.on_first_ack: Callable[[float], None] | None = None
         self._last_mark = 0
         self._estimate_done_at: float | None = None
-        lead = max(lead, float(getattr(sink, "min_lead", 0.0)))  # a provider's minimum chunk (Exotel)
         self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
         self._on_played = on_played
         self._buffer = bytearray()
@@ -74,6 +96,11 @@ class Playback:
         self.started = False
         self._last: float | None = None
         self.pacer: "Pacer | None" = None
+
+    @property
+    def acknowledged_by_line(self) -> bool:
+        """The line's marks, not our estimate, say what was heard."""
+        return self._marks is not None
 
     # producer side ---------------------------------------------------------
     def add(self, pcm: bytes, text: str | None = None) -> None:
@@ -108,12 +135,15 @@ class Playback:
                 del self._buffer[:FRAME_BYTES]
                 self.sent += len(frame)
                 self.started = True
-                self._sink.audio(frame)
-        if self.marks and self.sent > self._last_mark and (
-            self.sent - self._last_mark >= self.MARK_EVERY or (self.finished and not self._buffer)
-        ):
-            self._last_mark = self.sent
-            self._sink.mark(self, self.sent)
+                if self._on_sent is not None:
+                    # counted in ``sent`` already: what is queued ahead of it plays first
+                    self._on_sent(frame, max(0.0, (self.sent - len(frame) - self.played) / BYTES_PER_SECOND))
+                self._line.audio(frame)
+        if self._marks is not None and self.sent > self._last_mark:
+            last = self.finished and not self._buffer
+            if last or self.sent - self._last_mark >= self.MARK_EVERY:
+                self._last_mark = self.sent
+                self._marks.mark(self, self.sent, last)
         if self.finished and not self._buffer and not self.paused and self._played_all(now):
             self.done = True
             self._detach()
@@ -122,27 +152,27 @@ class Playback:
     def _played_all(self, now: float) -> bool:
         if self.played < self.sent:
             return False
-        if not self.marks or self.acked >= self.sent:
+        if self._marks is None or self.acked >= self.sent:
             return True
-        # the provider has not acknowledged everything yet: wait a little
+        # the line has not acknowledged everything yet: wait a little
         if self._estimate_done_at is None:
             self._estimate_done_at = now
         return now - self._estimate_done_at >= self.MARK_GRACE
 
     def acknowledge(self, position: int, now: float) -> None:
-        """The provider says audio up to byte ``position`` has played."""
+        """The line says audio up to byte ``position`` has played."""
         first = self.acked == 0 and position > 0
         self.acked = max(self.acked, position)
         if first and self.on_first_ack is not None:
-            # when the caller started hearing it, by the provider's clock
+            # when the caller started hearing it, by the line's clock
             self.on_first_ack(now - position / BYTES_PER_SECOND)
         self.pump(now)
 
     @property
     def heard(self) -> int:
-        """Bytes the caller has heard: acknowledged ones where the provider
+        """Bytes the caller has heard: acknowledged ones where the line
         acknowledges, otherwise all sent (a raw client plays what it got)."""
-        return self.acked if self.marks else self.sent
+        return self.acked if self._marks is not None else self.sent
 
     def pause(self) -> None:
         self.paused = True
@@ -165,8 +195,8 @@ class Playback:
     # what the caller heard ------------------------------------------------
     def heard_text(self, heard_bytes: int | None = None) -> str:
         """The words the caller heard, cut at ``heard_bytes`` (default: all
-        audio sent, which for a raw client will all be played). Within a
-        sentence the cut is proportional to its duration, to the word."""
+        audio heard, see ``heard``). Within a sentence the cut is
+        proportional to its duration, to the word."""
         heard = self.heard if heard_bytes is None else heard_bytes
         words: list[str] = []
         for s in self._sentences:
@@ -187,6 +217,52 @@ class Playback:
         return " ".join(s.text for s in self._sentences if s.text)
 
 
+class MarkLedger:
+    """A call's playout marks: name -> (playback, byte position).
+
+    A playback asks for a mark (``mark``); the ledger names it ``upvoot-N``,
+    remembers where it stands and asks the line to send it
+    (``ILine.mark``). When the far end acknowledges a name
+    (``acknowledged``), that playback's clock moves to the position. Marks
+    may never come back (a clear drops them), so the ledger is bounded: at
+    ``MAX_PENDING`` it forgets the marks of finished playbacks, then the
+    oldest ones.
+    """
+
+    MAX_PENDING = 256
+
+    def __init__(self, line: Any, clock: Any) -> None:
+        self._line = line
+        self._clock = clock
+        self._pending: dict[str, tuple[Playback, int]] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def mark(self, playback: Playback, position: int, last: bool) -> str:
+        """Send a mark for ``playback`` at byte ``position``; ``last``: its
+        final one (the line must let any audio it holds back go now)."""
+        self._n += 1
+        name = f"upvoot-{self._n}"
+        if len(self._pending) >= self.MAX_PENDING:
+            for old in [k for k, (p, _) in self._pending.items() if p.done]:
+                del self._pending[old]
+            while len(self._pending) >= self.MAX_PENDING:
+                del self._pending[next(iter(self._pending))]
+        self._pending[name] = (playback, position)
+        self._line.mark(name, last)
+        return name
+
+    def acknowledged(self, name: str, cleared: bool) -> None:
+        """The far end played (or, ``cleared``, dropped) audio up to ``name``;
+        unknown names (forgotten, or not ours) are ignored."""
+        entry = self._pending.pop(name, None)
+        if entry is not None and not cleared:
+            playback, position = entry
+            playback.acknowledge(position, self._clock.seconds())
+
+
 class Pacer:
     """The shared 20 ms tick for every active playback in the process."""
 
@@ -197,7 +273,7 @@ class Pacer:
         self.interval = interval
         self._playbacks: dict[Playback, None] = {}
         self._loop: LoopingCall | None = None
-        self._expected: float | None = None
+        self._lateness = Lateness(interval)
         self._on_lag = on_lag
         self.last_lag = 0.0
 
@@ -208,7 +284,7 @@ class Pacer:
         if not playback.done and self._loop is None:
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self._clock
-            self._expected = self._clock.seconds() + self.interval
+            self._lateness.start(self._clock.seconds())
             self._loop.start(self.interval, now=False)
 
     def remove(self, playback: Playback) -> None:
@@ -218,6 +294,7 @@ class Pacer:
             loop, self._loop = self._loop, None
             if loop.running:
                 loop.stop()
+            self._lateness.stop()
 
     @property
     def active(self) -> int:
@@ -225,11 +302,9 @@ class Pacer:
 
     def _tick(self) -> None:
         now = self._clock.seconds()
-        if self._expected is not None:
-            self.last_lag = max(0.0, now - self._expected)
-            if self._on_lag is not None:
-                self._on_lag(self.last_lag)
-        self._expected = now + self.interval
+        self.last_lag = self._lateness.tick(now)
+        if self._on_lag is not None:
+            self._on_lag(self.last_lag)
         for playback in list(self._playbacks):
             try:
                 playback.pump(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import types
@@ -175,6 +176,19 @@ def test_calls_show(capsys, ini, calls):
     assert (shown["call_id"], shown["state"], shown["duration"]) == ("call-1", "settled", 65.0)
 
 
+@pytest.mark.parametrize("column, text", [("transcript", "[{not json"), ("metadata", '"a string"'),
+                                          ("transcript", "[" * 50000)])
+def test_a_call_row_with_bad_json_is_a_one_line_error(capsys, ini, calls, database, column, text):
+    """Issue 9 item 12: a hand-edited row gave a traceback."""
+    conn = sqlite3.connect(database)
+    conn.execute(f"UPDATE calls SET {column} = ? WHERE call_id = 'call-1'", (text,))
+    conn.commit()
+    conn.close()
+    for argv in (["calls", "show", "call-1"], ["calls", "list", "--json"], ["calls", "list"]):
+        assert_one_line_error(*run(capsys, "--config", str(ini), *argv), 1, "call 'call-1'", column, "not a JSON")
+    assert "call-2" in ok(capsys, ini, "calls", "show", "call-2")
+
+
 def test_config_from_environment(capsys, ini, monkeypatch):
     monkeypatch.setenv("UPVOOT_CONFIG", str(ini))
     status, out, err = run(capsys, "accounts", "list", "--json")
@@ -193,6 +207,7 @@ def test_config_from_environment(capsys, ini, monkeypatch):
         (["keys", "create", "--agent", "demo"], 2, ["--account", "upvoot keys create --help"]),
         (["points", "add", "acme", "lots"], 2, ["invalid int value"]),
         (["calls", "list", "--limit", "0"], 2, ["must be at least 1"]),
+        (["calls", "list", "--limit", "99999999999999999999"], 2, ["must be at most 1000000000"]),
         (["keys", "list", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
         (["launch"], 2, ["invalid choice: 'launch'"]),
         ([], 2, ["COMMAND"]),

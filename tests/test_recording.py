@@ -14,8 +14,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from upvoot.ledger import recordings as recording
+from upvoot.ledger import threads
 from upvoot.audio import FRAME_BYTES, RATE
-from upvoot.call.machine import new_call, state_of
+from upvoot.call import new_call, state_of
 from upvoot.config import load_config
 from upvoot.call.playout import Pacer
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, agent_config, make_agent, quiet, speech
@@ -33,17 +34,17 @@ class Harness:
         self.clock.advance(1000.0)
         self.out = RecordingOutput()
         self.pacer = Pacer(self.clock)
-        self.ended: list[dict] = []
+        self.ended: list = []  # the CallOutcome
         self.recordings = recording.Recordings(str(tmp_path / "recordings"), str(tmp_path), 30 * 86400.0,
-                                               self.clock, recording.synchronous)
+                                               self.clock, threads.synchronous)
         self.recorder = self.recordings.recorder("call1")
         self.agent = make_agent(config or agent_config(), stt=stt, tts=tts)
-        self.machine, self.core = new_call(self.agent, self.out, self.clock, self.pacer, self.ended.append,
-                                           call_id="call1", recorder=self.recorder)
+        self.machine = new_call(self.agent, self.out, self.clock, self.pacer, self.ended.append,
+                                call_id="call1", recorder=self.recorder)  # the ICallHandle
 
     @property
     def t(self) -> float:
-        return self.core.elapsed()
+        return self.machine.report.elapsed()
 
     @property
     def state(self) -> str:
@@ -54,8 +55,8 @@ class Harness:
         pcm = audio if audio is not None else quiet(seconds)
         for i in range(n):
             frame = pcm[i * FRAME_BYTES:(i + 1) * FRAME_BYTES]
-            if frame and not self.core._finished:
-                self.core.caller_audio(frame)
+            if frame and not self.ended:
+                self.machine.caller_audio(frame)
             self.clock.advance(STEP)
 
     def say(self, seconds: float) -> float:
@@ -109,7 +110,7 @@ def test_a_call_with_a_greeting_a_turn_and_a_barge_in_is_recorded_as_heard(tmp_p
     reply_at = h.until("speaking", limit=3.0)  # to the step: it started within the last 20 ms
     h.wait(1.0)  # four words of the reply play
     barge_at = h.say(0.5)  # the caller barges in: paused after two frames, cut at 300 ms
-    assert h.core.barge_ins == 1
+    assert h.machine.report.barge_ins == 1
     h.until("listening", limit=3.0)  # the barge-in had no words
     h.wait(1.0)
     h.machine.hangup()
@@ -123,7 +124,7 @@ def test_a_call_with_a_greeting_a_turn_and_a_barge_in_is_recorded_as_heard(tmp_p
     assert sorted(os.listdir(os.path.dirname(path))) == ["call1.wav"], "temporary tracks are gone"
     params, left, right = read_wav(path)
     assert (params.nchannels, params.sampwidth, params.framerate) == (2, 2, 16000)
-    assert params.nframes == round(summary["duration"] * RATE), "as long as the call"
+    assert params.nframes == round(summary.duration * RATE), "as long as the call"
 
     # the greeting, from the start, on the agent's channel only
     assert onset(right, 0.0) < 0.01
@@ -140,8 +141,8 @@ def test_a_call_with_a_greeting_a_turn_and_a_barge_in_is_recorded_as_heard(tmp_p
     # paused two frames into the barge-in: what was sent plays out (the lead), then silence to the end
     cut = np.nonzero(np.abs(right) > 1000)[0][-1] / RATE
     assert barge_at + 0.02 <= cut <= barge_at + 0.04 + 0.1 + 0.02
-    assert level(right, cut + 0.01, summary["duration"]) == 0.0
-    assert level(left, barge_at + 0.505, summary["duration"]) == 0.0
+    assert level(right, cut + 0.01, summary.duration) == 0.0
+    assert level(left, barge_at + 0.505, summary.duration) == 0.0
     assert h.recordings.stop().called
 
 
@@ -160,9 +161,20 @@ def test_agent_audio_is_placed_by_the_playout_clock_not_by_when_it_was_sent(tmp_
     assert np.array_equal(right[:expected.size], expected), "contiguous, in order, from t=0"
 
 
+def test_the_recorder_is_the_calls_icallrecorder(tmp_path):
+    from zope.interface.verify import verifyObject
+
+    from upvoot.call import ICallRecorder
+
+    recs = recording.Recordings(str(tmp_path / "recordings"), str(tmp_path), 0, Clock(), threads.synchronous)
+    rec = recs.recorder("f" * 32, started_wall=0.0)
+    assert verifyObject(ICallRecorder, rec)
+    assert rec.relpath == os.path.join("recordings", "1970-01-01", "f" * 32 + ".wav")
+
+
 def test_caller_audio_that_arrives_late_leaves_a_gap_and_never_overlaps(tmp_path):
     track_dir = tmp_path / "r"
-    rec = recording.CallRecorder("c", str(track_dir), "r/c.wav", recording.synchronous)
+    rec = recording.CallRecorder("c", str(track_dir), "r/c.wav", threads.synchronous)
     one = speech(0.1)
     rec.caller(0.0, one)
     rec.caller(0.09, one)  # early by 10 ms (jitter): appended, not mixed in
@@ -175,7 +187,7 @@ def test_caller_audio_that_arrives_late_leaves_a_gap_and_never_overlaps(tmp_path
 
 
 def test_a_long_call_is_streamed_to_disk_not_held_in_memory(tmp_path):
-    rec = recording.CallRecorder("c", str(tmp_path), "c.wav", recording.synchronous)
+    rec = recording.CallRecorder("c", str(tmp_path), "c.wav", threads.synchronous)
     for i in range(500):  # 10 s
         rec.caller(i * 0.02, speech(0.02))
     pending = sum(len(data) for _, data in rec._caller._pending)
@@ -186,7 +198,7 @@ def test_a_long_call_is_streamed_to_disk_not_held_in_memory(tmp_path):
 def test_a_recording_that_cannot_be_written_does_not_stop_the_call(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    rec = recording.CallRecorder("c", str(blocker / "day"), "x/c.wav", recording.synchronous)
+    rec = recording.CallRecorder("c", str(blocker / "day"), "x/c.wav", threads.synchronous)
     errors = []
     from twisted.logger import globalLogPublisher
 
@@ -214,14 +226,17 @@ def _file(path: Path, age_days: float, now: float) -> Path:
     return path
 
 
+A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)  # call ids: 32 hex digits
+
+
 def test_retention_deletes_old_recordings_only(tmp_path):
     now = time.time()
     root = tmp_path / "recordings"
-    old = _file(root / "2020-01-01" / "a.wav", 31, now)
-    new = _file(root / "2020-02-01" / "b.wav", 29, now)
+    old = _file(root / "2020-01-01" / f"{A}.wav", 31, now)
+    new = _file(root / "2020-02-01" / f"{B}.wav", 29, now)
     other = _file(root / "2020-01-01" / "notes.txt", 90, now)
-    raw = _file(root / "2020-03-01" / ("c" + recording.CALLER_SUFFIX), 90, now)
-    old_alone = _file(root / "2019-12-01" / "d.wav", 60, now)
+    raw = _file(root / "2020-03-01" / (C + recording.CALLER_SUFFIX), 90, now)
+    old_alone = _file(root / "2019-12-01" / f"{D}.wav", 60, now)
     assert recording.purge(str(root), 0, now) == [], "0 keeps everything"
     deleted = recording.purge(str(root), 30 * 86400, now)
     assert sorted(deleted) == sorted([str(old), str(old_alone)])
@@ -235,11 +250,11 @@ def test_retention_runs_at_start_and_once_a_day(tmp_path):
     clock = Clock()
     root = tmp_path / "recordings"
     now = time.time()
-    first = _file(root / "d1" / "a.wav", 31, now)
-    recs = recording.Recordings(str(root), str(tmp_path), 30 * 86400.0, clock, recording.synchronous)
+    first = _file(root / "2020-01-01" / f"{A}.wav", 31, now)
+    recs = recording.Recordings(str(root), str(tmp_path), 30 * 86400.0, clock, threads.synchronous)
     recs.start()
     assert not first.exists()
-    second = _file(root / "d2" / "b.wav", 31, now)
+    second = _file(root / "2020-01-02" / f"{B}.wav", 31, now)
     clock.advance(86400 - 1)
     assert second.exists()
     clock.advance(1)
@@ -253,15 +268,77 @@ def test_tracks_left_by_a_dead_process_are_finished_at_start(tmp_path):
     root = tmp_path / "recordings"
     day = root / "2024-05-01"
     day.mkdir(parents=True)
-    (day / ("x" + recording.CALLER_SUFFIX)).write_bytes(speech(0.5))
-    (day / ("x" + recording.AGENT_SUFFIX)).write_bytes(speech(0.2, 440.0))
-    recs = recording.Recordings(str(root), str(tmp_path), 0, clock, recording.synchronous)
+    (day / (A + recording.CALLER_SUFFIX)).write_bytes(speech(0.5))
+    (day / (A + recording.AGENT_SUFFIX)).write_bytes(speech(0.2, 440.0))
+    recs = recording.Recordings(str(root), str(tmp_path), 0, clock, threads.synchronous)
     recs.start()
     recs.stop()
-    assert sorted(os.listdir(day)) == ["x.wav"]
-    params, left, right = read_wav(str(day / "x.wav"))
+    assert sorted(os.listdir(day)) == [f"{A}.wav"]
+    params, left, right = read_wav(str(day / f"{A}.wav"))
     assert params.nchannels == 2 and params.nframes == RATE // 2
     assert level(right, 0.0, 0.2) > 1000 and level(right, 0.2, 0.5) == 0.0
+
+
+def test_retention_deletes_only_what_upvoot_wrote(tmp_path):
+    """Issue 9 item 11: pointed at any directory, the purge deleted every
+    *.wav older than 30 days below it and every empty subdirectory."""
+    now = time.time()
+    root = tmp_path / "music"
+    foreign = [
+        _file(root / "song.wav", 400, now),  # not in a day directory
+        _file(root / "albums" / "2020-01-01" / f"{A}.wav", 400, now),  # a day directory, but not ours
+        _file(root / "2020-01-01" / "take1.wav", 400, now),  # not a call id
+        _file(root / "2020-01-01" / f"{A.upper()}.wav", 400, now),
+        _file(root / "2020-13-01" / f"{A}.wav", 400, now),  # not a date
+    ]
+    (root / "empty").mkdir()
+    ours = _file(root / "2020-01-02" / f"{B}.wav", 400, now)
+    assert recording.purge(str(root), 30 * 86400, now) == [str(ours)]
+    assert all(path.exists() for path in foreign) and (root / "empty").is_dir()
+    assert not (root / "2020-01-02").exists(), "our own day directory, emptied, goes"
+    today = root / time.strftime("%Y-%m-%d", time.gmtime(now))
+    today.mkdir()
+    recording.purge(str(root), 3600, now)
+    assert today.is_dir(), "a day a call may still write to stays, even empty"
+
+
+@pytest.mark.parametrize("layout, named", [
+    (["notes.txt"], "notes.txt"),
+    (["2024-05-01/holiday.wav"], "holiday.wav"),
+    (["photos/"], "photos"),
+    (["2024-05-01/" + "e" * 32 + ".wav", "2024-05-01/x.txt"], "x.txt"),
+])
+def test_a_recordings_dir_with_foreign_files_is_refused_at_start(tmp_path, layout, named):
+    root = tmp_path / "recordings"
+    for entry in layout:
+        path = root / entry
+        if entry.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            _file(path, 400, time.time())
+    recs = recording.Recordings(str(root), str(tmp_path), 30 * 86400.0, Clock(), threads.synchronous,
+                                option="etc/upvoot.ini: [upvoot] recordings_dir")
+    with pytest.raises(recording.RecordingsDirError) as e:
+        recs.start()
+    message = str(e.value)
+    assert "\n" not in message and named in message and message.startswith("etc/upvoot.ini: [upvoot] recordings_dir")
+    assert all((root / entry.rstrip("/")).exists() for entry in layout), "nothing deleted"
+    assert recs.stop().called
+
+
+def test_state_dir_itself_is_refused_as_recordings_dir(tmp_path):
+    recs = recording.Recordings(str(tmp_path / "."), str(tmp_path), 30 * 86400.0, Clock(), threads.synchronous)
+    with pytest.raises(recording.RecordingsDirError, match=r"\[upvoot\] recordings_dir = .*state_dir itself"):
+        recs.start()
+
+
+def test_upvoots_own_files_and_a_missing_directory_are_accepted(tmp_path):
+    root = tmp_path / "recordings"
+    recording.check_directory(str(root), str(tmp_path))  # missing: made on the first recording
+    day = root / "2024-05-01"
+    for name in (f"{A}.wav", f"{B}.wav.tmp", B + recording.CALLER_SUFFIX, B + recording.AGENT_SUFFIX):
+        _file(day / name, 1, time.time())
+    recording.check_directory(str(root), str(tmp_path))
 
 
 # ---- options ------------------------------------------------------------------------

@@ -9,16 +9,16 @@ import os
 import sqlite3
 import time
 
+import attrs
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from upvoot.ledger import recordings as recording
 from upvoot.ledger import spool as spoolmod
-from upvoot.ledger import store
-from upvoot.config import load_config
-from upvoot.daemon.service import UpVootService
+from upvoot.ledger import store, threads
+from upvoot.ledger.ledger import Ledger
 
 
 def rec(call_id: str, points: int = 1, **kw) -> dict:
@@ -218,61 +218,150 @@ def test_settle_spooled_keeps_the_record_while_the_database_is_locked(spool, tmp
     assert _read(db, store.get_account, "acme")["points"] == 8
 
 
-# ---- the service ---------------------------------------------------------------------
+# ---- the ledger: the store with the spool behind it ----------------------------------
 
 
 class FlakyStore:
-    """The daemon's database as call_ended uses it: fails while ``down``."""
+    """The daemon's database as the ledger uses it: fails while ``down``."""
 
-    def __init__(self):
+    def __init__(self, path):
+        self.path = path
         self.down = True
-        self.settled = []
 
-    def settle_call(self, record):
+    def _run(self, fn, arg):
         if self.down:
             return defer.fail(sqlite3.OperationalError("database is locked"))
-        self.settled.append(record)
-        return defer.succeed(record.points_charged)
+        return defer.maybeDeferred(_read, self.path, fn, arg)
+
+    def open_call(self, start):
+        return self._run(store.open_call, start)
+
+    def settle_call(self, record):
+        return self._run(store.settle_call, record)
 
 
-class Call:
-    def __init__(self, call_id):
-        self.core = type("Core", (), {"call_id": call_id, "recorder": None})()
+def _ledger(tmp_path, db, clock):
+    spool = spoolmod.Spool(str(tmp_path / "spool.jsonl"))
+    charged = []
+    spooler = spoolmod.Spooler(spool, lambda: spoolmod.settle_spooled(spool, db), clock, threads.synchronous,
+                               on_applied=lambda record, points: charged.append(points))
+    return Ledger(FlakyStore(db), spooler), spool, charged
 
 
-def _summary(call_id: str, prefix: str) -> dict:
-    return {
-        "call_id": call_id, "agent": "demo", "started_at": 1000.0, "ended_at": 1090.0, "duration": 90.0,
-        "end_reason": "hangup", "turns": 2, "barge_ins": 0, "barge_ins_resumed": 0, "engine_failures": 0,
-        "latencies": [], "points_charged": 2, "transcript": [], "key_prefix": prefix,
-        "account": "acme", "provider": "raw", "metadata": {"peer": "tcp4:127.0.0.1:5555"},
-    }
+def _start(prefix: str, call_id: str = "c2") -> store.CallStart:
+    return store.CallStart(call_id, prefix, "acme", "demo", "raw", 1000.0, {"peer": "x"})
 
 
-def test_the_service_spools_a_failed_settlement_and_applies_it_on_the_timer(tmp_path, monkeypatch, logged):
-    monkeypatch.setattr(recording, "reactor_threads", lambda reactor: recording.synchronous)
+def test_a_failed_settlement_is_spooled_and_applied_on_the_timer(tmp_path, logged):
     db, prefix = _db(tmp_path)
-    ini = tmp_path / "upvoot.ini"
-    ini.write_text(f"[upvoot]\ndatabase = {db}\n[agent:demo]\n")
     clock = Clock()
-    service = UpVootService(load_config(str(ini)), clock)
-    service.store = FlakyStore()
-    service.spooler.start(now=False)
-    service.call_ended(Call("c1"), _summary("c1", prefix))
-    assert service._settling == set()
-    assert [r["call_id"] for r in service.spool.records()] == ["c1"]
+    ledger, spool, charged = _ledger(tmp_path, db, clock)
+    ledger.spooler.start(now=False)
+    d = ledger.settle_call(_record(prefix))
+    assert d.called and d.result is None, "spooled: charged later"
+    assert ledger.stop().called
+    assert [r["call_id"] for r in spool.records()] == ["c1"]
     assert any(e.get("event") == "store.settle_spooled" for e in logged)
     assert _read(db, store.get_call, "c1")["state"] == "active"
-    clock.advance(service.spooler.retry_interval)
+    clock.advance(ledger.spooler.retry_interval)
     call = _read(db, store.get_call, "c1")
     assert (call["state"], call["points_charged"]) == ("settled", 2)
-    assert not os.path.exists(service.spool.path)
+    assert not os.path.exists(spool.path)
     assert _read(db, store.get_account, "acme")["points"] == 8
-    clock.advance(service.spooler.retry_interval)  # nothing left: nothing happens
+    clock.advance(ledger.spooler.retry_interval)  # nothing left: nothing happens
     assert _read(db, store.get_account, "acme")["points"] == 8
-    assert [e["call_id"] for e in logged if e.get("event") == "spool.applied"] == ["c1"]
-    d = service.spooler.stop()
+    assert [e["call_id"] for e in logged if e.get("event") == "spool.applied"] == ["c1"] and charged == [2]
+    ledger.store.down = False
+    assert ledger.settle_call(_record(prefix)).result == 0, "settled before: nothing more"
+    d = ledger.spooler.stop()
     assert d.called and clock.getDelayedCalls() == []
+
+
+def test_a_call_whose_opening_was_spooled_is_settled_as_a_crash_after_a_restart(tmp_path, logged):
+    """Issue 9 item 3: the database was locked when the call started and the
+    process died during the call: the next start still settles it, once."""
+    db, prefix = _db(tmp_path)
+    ledger, spool, _ = _ledger(tmp_path, db, Clock())
+    assert ledger.open_call(_start(prefix)).result is False, "spooled"
+    assert [(r["kind"], r["call_id"]) for r in spool.records()] == [("open", "c2")]
+    assert any(e.get("event") == "store.open_spooled" for e in logged)
+    assert _read(db, store.get_call, "c2") is None
+    # the process dies; the next start replays the spool, then settles what was left open
+    replay = spoolmod.settle_spooled(spoolmod.Spool(spool.path), db)
+    assert [r["call_id"] for r, _ in replay.applied] == ["c2"] and not os.path.exists(spool.path)
+    orphans = _read(db, store.settle_orphans, 2000.0, "crash", lambda r: 5)
+    assert [(r.call_id, r.end_reason, r.points_charged) for r in orphans] == [("c1", "crash", 5), ("c2", "crash", 5)]
+    assert _read(db, store.get_call, "c2")["metadata"] == {"peer": "x"}
+    assert spoolmod.settle_spooled(spool, db) == spoolmod.Replay()
+    assert _read(db, store.settle_orphans, 3000.0, "crash", lambda r: 5) == [], "settled once"
+
+
+@pytest.mark.parametrize("order", ["opening first", "record first"])
+def test_a_call_settled_while_its_opening_is_spooled_is_charged_once(tmp_path, order):
+    db, prefix = _db(tmp_path)
+    ledger, spool, charged = _ledger(tmp_path, db, Clock())
+    record = _record(prefix, call_id="c2")
+    if order == "record first":
+        ledger.settle_call(record)  # both spooled, the record before the opening (two threads raced)
+        ledger.open_call(_start(prefix))
+    else:
+        ledger.open_call(_start(prefix))
+        ledger.store.down = False
+        assert ledger.settle_call(record).result == 2, "settled at once, the opening still in the spool"
+    replay = spoolmod.settle_spooled(spool, db)
+    assert replay.failed == [] and replay.remaining == 0
+    call = _read(db, store.get_call, "c2")
+    assert (call["state"], call["points_charged"], call["duration"]) == ("settled", 2, 90.0)
+    assert _read(db, store.get_account, "acme")["points"] == 8
+    assert [r.call_id for r in _read(db, store.settle_orphans, 5000.0, "crash", lambda r: 5)] == ["c1"], "not c2"
+
+
+def test_a_line_the_database_refuses_for_good_is_moved_aside_not_retried(spool, tmp_path, logged):
+    """Issue 9 item 10: points_per_increment = 2**63 made every settlement
+    fail ("Python int too large to convert to SQLite INTEGER") and its spool
+    line stayed forever."""
+    db, prefix = _db(tmp_path)
+    huge = attrs.evolve(_record(prefix, call_id="c2"), points_charged=2**63)
+    spool.append(spoolmod.record_to_json(_record(prefix)))
+    spool.append(spoolmod.record_to_json(huge))
+    spool.append({"kind": "settle", "call_id": "c3", "points_charged": -1})  # not a record
+    result = spoolmod.settle_spooled(spool, db)
+    assert [r["call_id"] for r, _ in result.applied] == ["c1"]
+    assert [(r["call_id"], type(e)) for r, e in result.rejected] == [("c2", OverflowError), ("c3", TypeError)]
+    assert result.failed == [] and result.remaining == 0 and not os.path.exists(spool.path), "not retried"
+    rejected = [json.loads(line) for line in open(tmp_path / "spool.rejected")]
+    assert [r["call_id"] for r in rejected] == ["c2", "c3"] and rejected[0]["points_charged"] == 2**63
+    critical = [e for e in logged if e.get("event") == "spool.rejected"]
+    assert [e["call_id"] for e in critical] == ["c2", "c3"]
+    assert all(e["log_level"].name == "critical" and "spool.rejected" in e["path"] for e in critical)
+    assert "OverflowError" in critical[0]["error"]
+    assert _read(db, store.get_call, "c2") is None and _read(db, store.get_account, "acme")["points"] == 8
+
+
+def test_the_ledger_rejects_a_settlement_refused_for_good_at_once(tmp_path, logged):
+    db, prefix = _db(tmp_path)
+    ledger, spool, _ = _ledger(tmp_path, db, Clock())
+    ledger.store.down = False
+    d = ledger.settle_call(attrs.evolve(_record(prefix), points_charged=2**63))
+    assert d.result is None and not os.path.exists(spool.path)
+    assert [json.loads(line)["call_id"] for line in open(tmp_path / "spool.rejected")] == ["c1"]
+    assert [e["call_id"] for e in logged if e.get("event") == "spool.rejected"] == ["c1"]
+    assert _read(db, store.get_call, "c1")["state"] == "active", "left for the crash settlement"
+
+
+def test_a_locked_database_is_retried_not_rejected(spool, tmp_path, monkeypatch):
+    db, prefix = _db(tmp_path)
+    spool.append(spoolmod.record_to_json(_record(prefix)))
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 100)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = spoolmod.settle_spooled(spool, db)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert result.rejected == [] and len(result.failed) == 1 and not os.path.exists(tmp_path / "spool.rejected")
+    assert [r["call_id"] for r in spool.records()] == ["c1"]
 
 
 # ---- the real daemon ----------------------------------------------------------------
@@ -323,3 +412,35 @@ def test_a_call_that_ends_while_the_database_is_locked_is_spooled_then_settled_o
     d2.start()
     d2.stop()
     assert d2.cli("points", "show", "spool") == str(10 - record["points_charged"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_opening_refused_by_a_locked_database_is_spooled_by_the_real_store(tmp_path, monkeypatch):
+    """Issue 9 item 3 with the daemon's own Store: the database is locked
+    when the call starts; the process dies before the lock goes; the next
+    start settles the call (as a crash), once."""
+    from twisted.internet import reactor
+
+    db, prefix = _db(tmp_path)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
+    s = store.Store(db, reactor)
+    s.start()
+    spool = spoolmod.Spool(str(tmp_path / "spool.jsonl"))
+    spooler = spoolmod.Spooler(spool, lambda: spoolmod.settle_spooled(spool, db), reactor,
+                               threads.reactor_threads(reactor))
+    ledger = Ledger(s, spooler)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert (yield ledger.open_call(_start(prefix))) is False
+        yield ledger.stop()
+        assert [(r["kind"], r["call_id"]) for r in spool.records()] == [("open", "c2")]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        s.close()
+    replay = spoolmod.settle_spooled(spoolmod.Spool(spool.path), db)  # the next start, in this order:
+    orphans = _read(db, store.settle_orphans, 2000.0, "crash", lambda r: 5)
+    assert [r["call_id"] for r, _ in replay.applied] == ["c2"]
+    assert ("c2", "crash") in [(r.call_id, r.end_reason) for r in orphans]
+    assert _read(db, store.get_call, "c2")["state"] == "settled"

@@ -47,13 +47,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"upvoot: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, maximum: int = store.MAX_LIST_LIMIT) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}: {text!r}")
     return value
 
 

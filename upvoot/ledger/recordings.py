@@ -4,10 +4,10 @@ Left channel the caller, right channel the agent, 16 kHz 16-bit, both on
 the call's clock (seconds since the call started):
 
 - caller audio at the time it arrived;
-- agent audio at the time it plays at the caller's end: the time its frame
-  was sent plus the audio queued ahead of it (``Playback.sent - played``,
-  the playout clock). Audio dropped at a barge-in was never sent, so it is
-  not in the recording; a pause shows as silence.
+- agent audio at the time it plays at the caller's end, as the call works
+  it out from its playout clock (``upvoot.call``: the time a frame is sent
+  plus the audio queued ahead of it). Audio dropped at a barge-in was never
+  sent, so it is not in the recording; a pause shows as silence.
 
 Nothing of a call is held in memory: each channel streams into a temporary
 raw file (``<call_id>.caller.raw``, ``<call_id>.agent.raw``) by positioned
@@ -19,48 +19,37 @@ synchronous runner. Recordings left as raw files by a process that died are
 finished at the next start.
 
 Layout, relative to ``[upvoot] recordings_dir``: ``YYYY-MM-DD/<call_id>.wav``
-(the UTC day the call started). Retention: WAVs older than
-``recordings_keep`` are deleted at start and once a day (0 keeps them).
-Recordings are personal data: files are created without access for
-"other" users, like the database.
+(the UTC day the call started). Retention: UpVoot's WAVs older than
+``recordings_keep`` are deleted at start and once a day (0 keeps them);
+nothing else is ever deleted, and a ``recordings_dir`` that is ``state_dir``
+or holds other files is refused at start (``recording_files``, which holds
+the file work). Recordings are personal data: files are created without
+access for "other" users, like the database.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import wave
 from typing import Any, Callable
 
-import numpy as np
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from upvoot.audio import BYTES_PER_SECOND, FRAME_BYTES, RATE
+from upvoot.ledger.recording_files import (  # re-exported: the names a recording's files have
+    AGENT_SUFFIX, CALLER_SUFFIX, MODE, RecordingsDirError, assemble, check_directory, purge, recover,
+)
+from upvoot.call.line import ICallRecorder
+from upvoot.ledger.threads import Pending, RunInThread
 
-RunInThread = Callable[..., defer.Deferred]
+__all__ = ["AGENT_SUFFIX", "CALLER_SUFFIX", "CallRecorder", "FLUSH_BYTES", "Recordings", "RecordingsDirError",
+           "SNAP_BYTES", "assemble", "check_directory", "purge", "recover"]
 
-CALLER_SUFFIX = ".caller.raw"
-AGENT_SUFFIX = ".agent.raw"
 FLUSH_BYTES = BYTES_PER_SECOND  # hand a track to the writer thread about once a second
 SNAP_BYTES = 2 * FRAME_BYTES  # a gap shorter than this (jitter, rounding) is closed up
-_CHUNK = BYTES_PER_SECOND * 4  # finalizing reads this much of each track at a time
-_MODE = 0o660
-
-
-def synchronous(fn: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
-    """A ``run_in_thread`` that runs inline: for unit tests."""
-    return defer.maybeDeferred(fn, *args, **kw)
-
-
-def reactor_threads(reactor: Any) -> RunInThread:
-    """A ``run_in_thread`` on the reactor's thread pool."""
-
-    def run(fn: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kw)
-
-    return run
 
 
 class _Track:
@@ -99,21 +88,23 @@ class _Track:
     def write(self, chunks: list[tuple[int, bytes]]) -> None:
         if self._fd is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _MODE)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, MODE)
         for pos, data in chunks:
             os.pwrite(self._fd, data, pos)
 
     def close(self) -> None:
         if self._fd is None:  # nothing ever placed: an empty track
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _MODE)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, MODE)
         os.close(self._fd)
         self._fd = None
 
 
+@implementer(ICallRecorder)
 class CallRecorder:
-    """Records one call. The call feeds it (``caller``, ``agent_sink``) on the
-    reactor; ``stop`` ends the recording; ``finalize`` writes the WAV."""
+    """Records one call: the call's ``ICallRecorder``. The call feeds it on
+    the reactor (``caller``, ``agent``: audio at its time on the call's
+    clock), ``stop`` ends the recording; ``finalize`` writes the WAV."""
 
     _log = Logger()
 
@@ -142,10 +133,6 @@ class CallRecorder:
         if not self.stopped:
             self._agent.place(seconds, pcm)
             self._maybe_flush()
-
-    def agent_sink(self, output: Any, clock: Any, t0: float) -> "AgentTap":
-        """A sink for one ``Playback``: forwards to ``output`` and records."""
-        return AgentTap(output, self, clock, t0)
 
     def _maybe_flush(self) -> None:
         if self._caller.due or self._agent.due:
@@ -221,122 +208,6 @@ def _finish_tracks(caller: _Track, agent: _Track, wav_path: str, nbytes: int | N
     assemble(caller.path, agent.path, wav_path, nbytes)
 
 
-class AgentTap:
-    """Stands between a ``Playback`` and the call output: each agent frame
-    goes on to the line and into the recording at its playout position.
-    Everything else (marks, ``marks_playout``, ``min_lead``) is the output's."""
-
-    def __init__(self, output: Any, recorder: CallRecorder, clock: Any, t0: float) -> None:
-        self._output = output
-        self._recorder = recorder
-        self._clock = clock
-        self._t0 = t0
-        self.playback: Any = None
-
-    def audio(self, pcm: bytes) -> None:
-        pb = self.playback
-        if pb is not None:
-            # Playback counts the frame in ``sent`` before handing it over:
-            # what is queued ahead of it plays first.
-            ahead = max(0.0, (pb.sent - len(pcm) - pb.played) / BYTES_PER_SECOND)
-            self._recorder.agent(self._clock.seconds() - self._t0 + ahead, pcm)
-        self._output.audio(pcm)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._output, name)
-
-
-# ---- files (all blocking: run in a thread) ---------------------------------------
-
-
-def _read_at(fd: int, pos: int, size: int) -> bytes:
-    data = os.pread(fd, size, pos)
-    return data + bytes(size - len(data))  # past the end: silence
-
-
-def assemble(caller_path: str, agent_path: str, wav_path: str, nbytes: int | None = None) -> None:
-    """Interleave two mono raw tracks into a stereo WAV of ``nbytes`` per
-    channel (None: the longer track), a few seconds at a time; then delete
-    the tracks. The WAV appears complete or not at all (temp + rename)."""
-    fds = [os.open(p, os.O_RDONLY) if os.path.exists(p) else None for p in (caller_path, agent_path)]
-    try:
-        if nbytes is None:
-            nbytes = max((os.fstat(fd).st_size for fd in fds if fd is not None), default=0)
-        nbytes = nbytes // 2 * 2
-        tmp = wav_path + ".tmp"
-        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _MODE)
-        with os.fdopen(fd_out, "wb") as f:
-            with wave.open(f, "wb") as w:
-                w.setnchannels(2)
-                w.setsampwidth(2)
-                w.setframerate(RATE)
-                for pos in range(0, nbytes, _CHUNK):
-                    size = min(_CHUNK, nbytes - pos)
-                    left, right = (
-                        np.frombuffer(_read_at(fd, pos, size) if fd is not None else bytes(size), dtype="<i2")
-                        for fd in fds
-                    )
-                    frames = np.empty(left.size * 2, dtype="<i2")
-                    frames[0::2] = left
-                    frames[1::2] = right
-                    w.writeframes(frames.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, wav_path)
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
-    for p in (caller_path, agent_path):
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-
-
-def recover(directory: str) -> list[str]:
-    """Finish recordings a dead process left as raw tracks (as long as the
-    longer track). Run at start, before any call. Returns the WAVs written."""
-    written = []
-    for root, _dirs, files in os.walk(directory):
-        for name in sorted(files):
-            if not (name.endswith(CALLER_SUFFIX) or name.endswith(AGENT_SUFFIX)):
-                continue
-            base = os.path.join(root, name.rsplit(".", 2)[0])
-            wav = base + ".wav"
-            if wav in written or not (os.path.exists(base + CALLER_SUFFIX) or os.path.exists(base + AGENT_SUFFIX)):
-                continue
-            assemble(base + CALLER_SUFFIX, base + AGENT_SUFFIX, wav)
-            written.append(wav)
-    return written
-
-
-def purge(directory: str, keep: float, now: float | None = None) -> list[str]:
-    """Delete WAVs last modified more than ``keep`` seconds before ``now``
-    (0 keeps everything), then empty day directories. Returns what was deleted."""
-    if not keep or not os.path.isdir(directory):
-        return []
-    cutoff = (time.time() if now is None else now) - keep
-    deleted = []
-    for root, dirs, files in os.walk(directory, topdown=False):
-        for name in files:
-            if not name.endswith(".wav"):
-                continue  # raw tracks of running calls, temp files, anything else
-            path = os.path.join(root, name)
-            try:
-                if os.stat(path).st_mtime < cutoff:
-                    os.unlink(path)
-                    deleted.append(path)
-            except FileNotFoundError:
-                pass
-        if root != directory:
-            try:
-                os.rmdir(root)  # only if empty
-            except OSError:
-                pass
-    return deleted
-
-
 # ---- the daemon's side --------------------------------------------------------------
 
 
@@ -348,18 +219,29 @@ class Recordings:
     _log = Logger()
     purge_interval = 86400.0
 
-    def __init__(self, directory: str, state_dir: str, keep: float, clock: Any, run_in_thread: RunInThread) -> None:
+    def __init__(self, directory: str, state_dir: str, keep: float, clock: Any, run_in_thread: RunInThread,
+                 option: str = "[upvoot] recordings_dir") -> None:
         self.directory = directory
         self.state_dir = state_dir
         self.keep = keep
         self.clock = clock
+        self.option = option  # how errors name the setting, e.g. "upvoot.ini: [upvoot] recordings_dir"
         self._run = run_in_thread
-        self._pending: set[defer.Deferred] = set()
+        self._pending = Pending()
         self._loop = LoopingCall(self._housekeeping)
         self._loop.clock = clock
         self._first = True
 
+    def check(self) -> None:
+        """Raise ``RecordingsDirError`` (one line naming the option) if the
+        directory is ``state_dir`` or holds files UpVoot did not write.
+        Blocking (one directory listing per day): at start only."""
+        check_directory(self.directory, self.state_dir, self.option)
+
     def start(self) -> None:
+        """Check the directory (raises ``RecordingsDirError``), then finish
+        what a dead process left and purge, now and once a day."""
+        self.check()
         self._first = True
         self._loop.start(self.purge_interval, now=True)
 
@@ -367,11 +249,11 @@ class Recordings:
         """Stop the daily purge; fires when every pending WAV is written."""
         if self._loop.running:
             self._loop.stop()
-        return defer.DeferredList(list(self._pending)).addCallback(lambda _: None)
+        return self._pending.done()
 
     def _housekeeping(self) -> defer.Deferred:
         first, self._first = self._first, False
-        d = self._track(self._run(self._housekeep_sync, first))
+        d = self._pending.track(self._run(self._housekeep_sync, first))
 
         def done(result: tuple[list[str], list[str]]) -> None:
             recovered, deleted = result
@@ -400,7 +282,7 @@ class Recordings:
 
     def finalize(self, recorder: CallRecorder) -> defer.Deferred:
         """Write the call's WAV (in a thread); Deferred[str | None]."""
-        d = self._track(recorder.finalize())
+        d = self._pending.track(recorder.finalize())
 
         def done(path: str | None) -> str | None:
             if path is not None:
@@ -410,12 +292,3 @@ class Recordings:
             return path
 
         return d.addCallback(done)
-
-    def _track(self, d: defer.Deferred) -> defer.Deferred:
-        self._pending.add(d)
-
-        def untrack(result: Any) -> Any:
-            self._pending.discard(d)
-            return result
-
-        return d.addBoth(untrack)

@@ -1,8 +1,8 @@
 """The admin listener (/healthz, /metrics), the metrics hooks, JSON logs.
 
 In memory: the real resources (``upvoot.daemon.web``) over ``treq.testing.StubTreq``
-and a real ``UpVootService`` whose database is a fake and whose clock is a
-``Clock``. Over real ports (slow): the real daemon with ``admin_listen`` on
+and a real ``UpVootService`` (``tap.build_service``) whose database is a fake
+and whose clock is a ``Clock``. Over real ports (slow): the real daemon with ``admin_listen`` on
 a free loopback port.
 """
 
@@ -33,9 +33,14 @@ from upvoot.config import load_config
 from upvoot.logs import JSONLineObserver, json_observer
 from upvoot.daemon.metrics import STAGES, Metrics
 from upvoot.call.playout import Playback
-from upvoot.daemon.service import UpVootService
+from upvoot.call.outcome import CallOutcome, EndReason
+from upvoot.daemon.seams import Admission
+from upvoot.framing.base import CallStarted
 from upvoot.ledger.store import StoreError
-from upvoot.daemon.tap import Options
+from upvoot.ledger.threads import synchronous
+from upvoot.daemon.tap import Options, build_service
+from upvoot.testing import make_agent
+from tests.test_service import FakeCalls, FakeProcess
 from upvoot.daemon.web import admin_resource
 
 ADMIN = "http://admin.invalid"
@@ -64,6 +69,9 @@ class FakeStore:
     def open_call(self, start) -> defer.Deferred:
         return defer.succeed(None)
 
+    def heartbeat(self, call_id, now) -> defer.Deferred:
+        return defer.succeed(True)
+
     def settle_call(self, record) -> defer.Deferred:
         self.settled.append(record)
         return defer.succeed(record.points_charged)
@@ -75,9 +83,8 @@ def service(tmp_path):
     its clock a Clock, so nothing runs on the reactor."""
     ini = tmp_path / "upvoot.ini"
     ini.write_text("[upvoot]\n[agent:demo]\n")
-    svc = UpVootService(load_config(str(ini)), Clock())
-    svc.store = FakeStore()
-    return svc
+    return build_service(load_config(str(ini)), Clock(), store=FakeStore(), run_in_thread=synchronous,
+                         process=FakeProcess())
 
 
 class Admin:
@@ -189,31 +196,31 @@ def test_healthz_answers_head_too(service):
 # ---- /metrics ---------------------------------------------------------------------
 
 
-class FakeCall:
-    """What the service reads of a VoiceProtocol."""
+class Calls:
+    """Calls through the service's seam (``start_call``), on fake handles."""
 
-    def __init__(self, call_id: str, provider: str) -> None:
-        self.core = SimpleNamespace(call_id=call_id, started_wall=1000.0)
-        self.key_info = SimpleNamespace(prefix="uvk_AbCdEfGh", account="acme", agent="demo")
-        self.framing = SimpleNamespace(name=provider)
-        self.peer = "tcp4:127.0.0.1:5555"
-        self.machine = None
-        self.metadata: dict = {}
+    def __init__(self, service) -> None:
+        self.service = service
+        self.fake = FakeCalls(wall=lambda: 1000.0)
+        service._new_call = self.fake.new_call
+        service.agents = SimpleNamespace(agents={"demo": make_agent(service.config.agents["demo"])})
+
+    def start(self, provider: str = "raw"):
+        admission = Admission(key_prefix="uvk_AbCdEfGh", account="acme", agent="demo", provider=provider,
+                              params={}, peer="tcp4:127.0.0.1:5555", release=lambda: None)
+        out = []
+        self.service.start_call(admission, CallStarted(provider=provider), SimpleNamespace(),
+                                lambda: None).addCallback(out.append)
+        return out[0]
 
 
-def fake_call(call_id: str = "c1", provider: str = "raw") -> FakeCall:
-    return FakeCall(call_id, provider)
-
-
-def summary(call_id: str = "c1", provider: str = "raw", **overrides) -> dict:
-    s = {
-        "call_id": call_id, "agent": "demo", "started_at": 1000.0, "ended_at": 1065.0, "duration": 65.0,
-        "end_reason": "hangup", "turns": 2, "barge_ins": 0, "barge_ins_resumed": 0, "engine_failures": 0,
-        "latencies": [], "points_charged": 2, "transcript": [], "key_prefix": "uvk_AbCdEfGh",
-        "account": "acme", "provider": provider, "metadata": {"peer": "tcp4:127.0.0.1:5555"},
-    }
-    s.update(overrides)
-    return s
+def outcome(call_id: str = "c1", **overrides) -> CallOutcome:
+    """A call's outcome; 65 s of an agent billed per started minute: 2 points."""
+    fields = dict(call_id=call_id, agent="demo", started_at=1000.0, ended_at=1065.0, duration=65.0,
+                  end_reason=EndReason.HANGUP, turns=2, barge_ins=0, barge_ins_resumed=0, engine_failures=0,
+                  latencies=(), transcript=())
+    fields.update(overrides)
+    return CallOutcome(**fields)
 
 
 def test_metrics_is_the_prometheus_text_format_of_the_service_registry(service):
@@ -241,8 +248,8 @@ def test_two_services_do_not_share_counters(service, tmp_path):
 
 def test_call_metrics_follow_the_service_hooks(service):
     admin = Admin(service)
-    call = fake_call()
-    service.call_opened(call)
+    calls = Calls(service)
+    call = calls.start()
     m = admin.metrics()
     assert value(m, "upvoot_calls_active") == 1
     assert value(m, "upvoot_calls_started_total", provider="raw") == 1
@@ -252,7 +259,7 @@ def test_call_metrics_follow_the_service_hooks(service):
         {"endpointing": 0.6, "transcription": 0.2, "first_token": 0.01, "first_audio": 0.15, "voice_to_voice": 0.96},
         {"endpointing": 0.6, "transcription": 0.3, "first_token": 0.02, "first_audio": 0.2, "voice_to_voice": 1.12},
     ]
-    service.call_ended(call, summary(latencies=latencies, engine_failures=1, points_charged=2))
+    call.on_ended(outcome(call.call_id, latencies=tuple(latencies), engine_failures=1))  # 2 points
     m = admin.metrics()
     assert value(m, "upvoot_calls_active") == 0
     assert value(m, "upvoot_calls_total", end_reason="hangup", provider="raw") == 1
@@ -263,8 +270,8 @@ def test_call_metrics_follow_the_service_hooks(service):
     assert value(m, "upvoot_engine_errors_total", engine="unknown") == 1
     assert value(m, "upvoot_points_charged_total") == 2  # what the store settled
 
-    service.call_opened(fake_call("c2", provider="twilio"))
-    service.call_ended(fake_call("c2"), summary("c2", provider="twilio", end_reason="max_turns", points_charged=0))
+    call = calls.start(provider="twilio")
+    call.on_ended(outcome(call.call_id, end_reason=EndReason.MAX_TURNS, duration=0.0, ended_at=1000.0))  # 0 points
     m = admin.metrics()
     assert value(m, "upvoot_calls_total", end_reason="max_turns", provider="twilio") == 1
     assert value(m, "upvoot_calls_total", end_reason="hangup", provider="raw") == 1
@@ -273,7 +280,7 @@ def test_call_metrics_follow_the_service_hooks(service):
 
 def test_engine_errors_per_engine_when_the_summary_names_them():
     metrics = Metrics()
-    metrics.call_ended(summary(engine_failures={"stt": 2, "tts": 0, "brain": 1}))
+    metrics.call_ended(outcome(engine_failures={"stt": 2, "tts": 0, "brain": 1}), "raw")
     get = metrics.registry.get_sample_value
     assert get("upvoot_engine_errors_total", {"engine": "stt"}) == 2
     assert get("upvoot_engine_errors_total", {"engine": "brain"}) == 1

@@ -1,6 +1,6 @@
 """Restarts and crashes with a real daemon: graceful drain on SIGTERM, a
-kill -9 mid-call settled at the next start, and a daemon that talks to
-nobody but its clients (no telemetry)."""
+kill -9 mid-call settled at the next start (also before its first loop
+heartbeat), and a daemon that talks to nobody but its clients (no telemetry)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,33 @@ def test_kill_9_mid_call_is_settled_once_at_the_next_start(tmp_path):
     d3.start()
     d3.stop()
     assert d3.cli("points", "show", "crash") == "9", "never settled twice"
+
+
+def test_kill_9_before_the_first_heartbeat_still_charges_the_started_increment(tmp_path):
+    """The heartbeat is written when the call opens, not a beat later: a call
+    killed within its first ``heartbeat`` is settled with what it held."""
+    ini = shipped_ini(heartbeat="10m") + LONG_AGENT
+    d = Daemon(tmp_path, ini).start()
+    key = d.key(agent="long", account="early", points=10)
+    c = Caller(d.url(f"/voice/{key}"))
+    c.wait_for(lambda ev: ev[1] == "audio", timeout=10)
+    time.sleep(0.5)  # the opening heartbeat is written within milliseconds
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    c.close()
+    (active,) = [r for r in d.calls() if r["account"] == "early"]
+    assert active["state"] == "active"
+    d2 = Daemon(tmp_path, ini)
+    d2.port = d.port
+    d2.start()
+    try:
+        (settled,) = [r for r in d2.calls() if r["account"] == "early"]
+        assert settled["state"] == "settled" and settled["end_reason"] == "crash"
+        assert 0.0 < settled["duration"] < 0.5
+        assert settled["points_charged"] == 1
+        assert d2.cli("points", "show", "early") == "9"
+    finally:
+        d2.stop()
 
 
 def _sockets_of(pid: int) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 from twisted.python import usage
 
 from upvoot.config import ConfigError, load_config
-from upvoot.daemon.tap import Options
+from upvoot.daemon.tap import Options, ReactorProcess, _exit_now, build_service, makeService
 
 INI = """\
 [upvoot]
@@ -158,3 +158,96 @@ def test_twistd_stops_on_a_bad_config_before_daemonizing(tmp_path, daemon, probl
     if Path("/proc").is_dir():
         time.sleep(0.2)  # a forked daemon would still be alive now
         assert _processes_mentioning(str(config)) == []
+
+
+# ---- the composition root -------------------------------------------------------------
+
+
+def test_make_service_builds_everything_on_the_reactor_it_is_given(ini):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from upvoot.daemon.service import UpVootService
+
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--config", str(ini)), reactor)
+    assert isinstance(service, UpVootService)
+    assert service.clock is reactor and service.process._reactor is reactor
+    assert [d for d, _, _ in service._listeners] == ["tcp:9001:interface=127.0.0.1", "tcp:9002:interface=127.0.0.1"]
+    assert service.admin is not None
+    # collaborators share the one reactor
+    assert service.spooler._loop.clock is reactor and service.lag.clock is reactor
+    assert service.guard.clock is reactor
+
+
+def test_build_service_refuses_an_unknown_collaborator(ini):
+    from twisted.internet.task import Clock
+
+    with pytest.raises(TypeError, match="no collaborator named nosuch"):
+        build_service(load_config(str(ini)), Clock(), nosuch=object())
+
+
+def test_a_failed_start_stops_the_reactor_and_exits_1_after_twistd_cleaned_up():
+    from types import SimpleNamespace
+
+    stopped, registered = [], []
+    reactor = SimpleNamespace(running=True, stop=lambda: stopped.append(True))
+    process = ReactorProcess(reactor, at_exit=lambda *a: registered.append(a))
+    process.fail("Could not load the engines: EngineUnavailable: no model")
+    process.fail("a second failure is not logged again")
+    assert stopped == [True] and registered == [(_exit_now, 1)]
+    assert process.failed == "Could not load the engines: EngineUnavailable: no model"
+
+
+def test_a_clean_drain_clears_the_exit_signal():
+    from types import SimpleNamespace
+
+    reactor = SimpleNamespace(_exitSignal=15)
+    ReactorProcess(reactor).drained()
+    assert reactor._exitSignal is None
+
+
+ENGINES_FAIL_INI = """\
+[upvoot]
+listen = tcp:0:interface=127.0.0.1
+admin_listen = tcp:0:interface=127.0.0.1
+
+[agent:x]
+stt = whisper
+stt.model = missing-model-dir
+"""
+
+
+def _twistd(tmp_path: Path, ini_text: str, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
+    config = tmp_path / "upvoot.ini"
+    config.write_text(ini_text)
+    log = tmp_path / "twistd.log"
+    argv = [TWISTD, "-n", "--pidfile", str(tmp_path / "twistd.pid"), f"--logfile={log}", "upvoot",
+            "--config", str(config), *extra]
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return result, log.read_text() if log.exists() else ""
+
+
+@pytest.mark.skipif(not os.path.exists(TWISTD), reason="no twistd script next to the interpreter")
+def test_engines_that_cannot_load_exit_1_with_one_line(tmp_path):
+    result, log = _twistd(tmp_path, ENGINES_FAIL_INI)
+    assert result.returncode == 1, result.stdout + result.stderr + log
+    lines = [line for line in log.splitlines() if "upvoot.start_failed" in line or "#critical]" in line]
+    assert len(lines) == 1 and "Could not load the engines: EngineUnavailable: " in lines[0], log
+    assert "Traceback" not in log + result.stdout + result.stderr
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(TWISTD), reason="no twistd script next to the interpreter")
+def test_a_port_that_cannot_be_listened_on_exits_1_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result, log = _twistd(tmp_path, ENGINES_FAIL_INI, "--listen", f"tcp:{port}:interface=127.0.0.1")
+    assert result.returncode == 1, result.stdout + result.stderr + log
+    assert "Traceback" not in log + result.stdout + result.stderr, log
+    [line] = [line for line in log.splitlines() if "#critical]" in line]
+    assert f"Could not listen: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in line
+    assert not (tmp_path / "twistd.pid").exists()

@@ -8,7 +8,7 @@ a greeting's first frame leaves within milliseconds of the upgrade.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 from twisted.internet import defer
@@ -50,9 +50,13 @@ class AgentRegistry:
 
     _log = Logger()
 
-    def __init__(self, configs: Mapping[str, AgentConfig], context: EngineContext) -> None:
+    def __init__(self, configs: Mapping[str, AgentConfig], context: EngineContext,
+                 run_in_thread: Callable[..., defer.Deferred]) -> None:
+        """``run_in_thread``: how the (blocking) model loading leaves the
+        reactor: ``upvoot.ledger.threads.reactor_threads(reactor)``."""
         self.configs = configs
         self.context = context
+        self._run_in_thread = run_in_thread
         self.agents: dict[str, Agent] = {}
         self._engines: dict[tuple, Any] = {}
 
@@ -78,12 +82,11 @@ class AgentRegistry:
                 agent.phrases.put(line, b"".join(chunks))
             self._log.info("Agent {agent}: {n} lines cached", event="agent.ready", agent=agent.config.name, n=len(agent.phrases))
 
-    def prepare(self, reactor: Any) -> defer.Deferred:
+    def prepare(self) -> defer.Deferred:
         """Build engines in a thread, then warm the phrase caches."""
-        from twisted.internet.threads import deferToThread
 
         async def run() -> None:
-            await deferToThread(self.build_engines)
+            await self._run_in_thread(self.build_engines)
             await self.warm_phrases()
 
         return defer.Deferred.fromCoroutine(run())

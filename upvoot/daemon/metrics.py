@@ -22,6 +22,7 @@ touches the reactor, so collecting is synchronous and cheap.
 | upvoot_auth_failures_total | counter | |
 | upvoot_handshake_refusals_total | counter | status |
 | upvoot_frames_in_total, upvoot_frames_out_total | counter | |
+| upvoot_bad_messages_total | counter | |
 | upvoot_pacing_lateness_seconds | histogram | |
 | upvoot_reactor_lag_seconds | histogram | |
 | upvoot_stage_latency_seconds | histogram | stage |
@@ -37,6 +38,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from upvoot.call.outcome import EndReason
 
 STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
 
@@ -77,6 +80,8 @@ class Metrics:
                                           "WebSocket upgrades refused, by HTTP status.", ["status"], registry=r)
         self.frames_in = Counter("upvoot_frames_in_total", "WebSocket messages received from providers.", registry=r)
         self.frames_out = Counter("upvoot_frames_out_total", "WebSocket messages sent to providers.", registry=r)
+        self.bad_messages = Counter("upvoot_bad_messages_total",
+                                    "Client messages that could not be understood (answered with an error).", registry=r)
         self.pacing_lateness = Histogram("upvoot_pacing_lateness_seconds",
                                          "How late the shared 20 ms audio pacing tick ran.", buckets=_LAG_BUCKETS, registry=r)
         self.reactor_lag = Histogram("upvoot_reactor_lag_seconds",
@@ -106,17 +111,18 @@ class Metrics:
     def call_started(self, provider: str) -> None:
         self.calls_started.labels(provider=provider).inc()
 
-    def call_ended(self, summary: Mapping[str, Any]) -> None:
-        """Count a call from its summary (``upvoot.call.machine.CallCore.summary``
-        plus the adapter's ``provider``)."""
-        self.calls.labels(end_reason=summary["end_reason"], provider=summary.get("provider", "unknown")).inc()
-        for turn in summary.get("latencies") or ():
+    def call_ended(self, outcome: Any, provider: str) -> None:
+        """Count a call from its ``upvoot.call.outcome.CallOutcome`` and
+        the provider framing it came through."""
+        reason = EndReason(outcome.end_reason).value
+        self.calls.labels(end_reason=reason, provider=provider).inc()
+        for turn in outcome.latencies or ():
             for stage, seconds in turn.items():
                 if stage in STAGES and seconds is not None:
                     self.stage_latency.labels(stage=stage).observe(seconds)
-        failures = summary.get("engine_failures") or 0
-        # the call machine reports a count today; a mapping {engine: n} is
-        # counted per engine should it report one
+        failures = outcome.engine_failures or 0
+        # the call reports a count today; a mapping {engine: n} is counted
+        # per engine should it report one
         by_engine = failures if isinstance(failures, Mapping) else {"unknown": failures}
         for engine, n in by_engine.items():
             if n:

@@ -38,12 +38,30 @@ class Admission:
     params: Mapping[str, str]  # the upgrade URL's query parameters (last value of each)
     peer: str
     _release: Callable[[], None] = attrs.field(repr=False)
-    released: bool = False
+    released: bool = False  # the slot and the account's count are given back
+    taken: bool = False  # a running call holds them now (``take_over``)
 
     def release(self) -> None:
-        if not self.released:
+        """Give the slot and the account's count back, unless a call took
+        them over (then the call's end gives them back). Idempotent."""
+        if not self.released and not self.taken:
             self.released = True
             self._release()
+
+    def take_over(self) -> Callable[[], None]:
+        """For the service's ``start_call`` only: the call that starts now
+        holds the slot; returns the (idempotent) release its end calls.
+        ``release`` does nothing from now on."""
+        if self.released or self.taken:
+            raise ValueError("this admission was already released or taken over")
+        self.taken = True
+
+        def release() -> None:
+            if not self.released:
+                self.released = True
+                self._release()
+
+        return release
 
 
 class IVoiceService(Interface):
@@ -55,13 +73,30 @@ class IVoiceService(Interface):
 
     def admit(path: str, peer: str, headers: Mapping[str, str], params: Mapping[str, str]) -> Any:
         """Decide an upgrade: a Deferred firing with an ``Admission`` or a
-        ``Refusal`` (never failing: a database error is a 503 refusal)."""
+        ``Refusal`` (never failing: a database error is a 503 refusal).
+        ``path``: the request path (``/voice/<key>``); ``peer``: the caller's
+        address as the logs name it (``tcp4:1.2.3.4:5678``, or the PROXY/
+        forwarded address); ``params``: the query parameters, one string
+        each (the last value given). A 503 refusal carries ``Retry-After``
+        in its headers: the adapter sends ``Refusal.headers`` as they are."""
 
-    def start_call(admission: Admission, started: Any, line: Any) -> Any:
+    def start_call(admission: Admission, started: Any, line: Any, disconnect: Callable[[], None]) -> Any:
         """Turn an admitted connection into a call: ``started`` is the
         framing's ``CallStarted`` (its custom parameters may pick another of
-        the account's agents), ``line`` the call's ``ILine``. A Deferred
-        firing with the started call's ``ICallHandle`` (the greeting is
-        already playing), or with None when the call could not start (the
-        admission is released then, and the adapter closes the socket)."""
+        the account's agents), ``line`` the call's ``ILine``, ``disconnect``
+        drops the connection at once (the service calls it, after
+        ``handle.hangup()``, for a call that did not end when the daemon
+        stops). A Deferred firing with the started call's ``ICallHandle``
+        (the greeting is already playing), or with None when the call could
+        not start (the admission is released then, and the adapter closes
+        the socket). Never fails.
+
+        While the Deferred is pending (the account's agents are being looked
+        up), the adapter holds the caller's events back; if the connection
+        closes meanwhile it calls ``admission.release()``, and the Deferred
+        fires with None without starting anything."""
+
+    def note_refusal(status: int) -> None:
+        """Count a refusal the adapter decided itself (408: the client left
+        during the handshake). ``admit`` counts its own."""
 

@@ -1,7 +1,9 @@
 """The running daemon: one service that owns the shared parts of all calls.
 
-It owns the database, the worker pool, the agents (models loaded once), the
-shared pacing tick, the admission rules, and the list of running calls.
+It holds the database, the worker pool, the agents (models loaded once),
+the shared pacing tick, the admission policy, and the running calls, each
+as its ``ICallHandle`` (never a socket). Every collaborator is built by the
+composition root (``upvoot.daemon.tap.build_service``) and handed in.
 Listeners are its children (``strports`` services), so a busy port or a bad
 certificate stops twistd with an error instead of leaving a daemon that
 listens nowhere.
@@ -9,107 +11,99 @@ listens nowhere.
 Start-up order: the database opens synchronously in ``startService`` (an
 unwritable path fails the start); models load in a thread and the agents'
 fixed lines are synthesized; until then upgrades get 503, so no caller ever
-hears a half-ready agent.
+hears a half-ready agent. A start that fails after that (engines, a greeting
+that cannot be synthesized) stops the process with one line and a non-zero
+exit status, so a supervisor restarts it.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable, Mapping
 
+import attrs
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from upvoot.ledger import recordings as recording
+from upvoot.call.outcome import CallOutcome
+from upvoot.config import Config
+from upvoot.daemon.admission import AbuseGuard, AdmissionPolicy
+from upvoot.daemon.lag import LagMonitor
+from upvoot.daemon.seams import Admission, IVoiceService
+from upvoot.ledger import settlement
 from upvoot.ledger import spool as spoolmod
 from upvoot.ledger import store as storemod
-from upvoot.daemon.admission import AbuseGuard
-from upvoot.daemon.agents import AgentRegistry
-from upvoot.config import Config
-from upvoot.engines.interfaces import EngineContext
-from upvoot.daemon.metrics import Metrics
-from upvoot.call.playout import Pacer
-from upvoot.daemon.workers import WorkerPool
+from upvoot.ledger.threads import Pending
 
 
-class LagMonitor:
-    """How late the reactor runs a timer: the admission signal for
-    "this process is saturated". Exponentially averaged, sampled every 50 ms."""
-
-    def __init__(self, clock: Any, interval: float = 0.05, on_lag: Any = None) -> None:
-        self.clock = clock
-        self.interval = interval
-        self._on_lag = on_lag  # called with each tick's lag (seconds): the metrics histogram
-        self.average = 0.0
-        self.worst = 0.0
-        self._expected = 0.0
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = clock
-
-    def start(self) -> None:
-        self._expected = self.clock.seconds() + self.interval
-        self._loop.start(self.interval, now=False)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-
-    def _tick(self) -> None:
-        now = self.clock.seconds()
-        lag = max(0.0, now - self._expected)
-        self._expected = now + self.interval
-        self.average = 0.8 * self.average + 0.2 * lag
-        self.worst = max(self.worst, lag)
-        if self._on_lag is not None:
-            self._on_lag(lag)
+class StartFailed(Exception):
+    """The daemon cannot start (a listener cannot bind): one line, exit 1."""
 
 
+@attrs.define(eq=False)
+class _Call:
+    """A running call as the service keeps it: its handle and what its
+    record needs. Never a socket: ``disconnect`` is the adapter's callable."""
+
+    handle: Any  # ICallHandle
+    admission: Admission
+    release: Callable[[], None]  # gives the slot and the account's count back
+    disconnect: Callable[[], None]
+    agent: Any  # upvoot.daemon.agents.Agent
+    provider: str
+    metadata: dict
+    recorder: Any = None
+
+
+@implementer(IVoiceService)
 class UpVootService(service.MultiService):
     _log = Logger()
-    retry_after = 5
-    stall_timeout = 10.0
     shutdown_timeout = 15.0  # closing lines are a few seconds long
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, clock: Any, *, process: Any, store: Any, pool: Any, metrics: Any,
+                 pacer: Any, lag: LagMonitor, guard: AbuseGuard, agents: Any, recordings: Any, spool: Any, spooler: Any,
+                 ledger: Any, new_call: Callable[..., Any], wall: Callable[[], float] = time.time) -> None:
+        """``clock``: IReactorTime; ``process``: what the service needs of
+        the process (``upvoot.daemon.tap.ReactorProcess``); ``agents``: the
+        ``AgentRegistry``, prepared at start; ``new_call``: ``upvoot.call.new_call``;
+        ``wall``: the wall clock of call records."""
         super().__init__()
         self.config = config
-        self.reactor = reactor
-        self.clock = reactor
-        self.store = storemod.Store(config.database, reactor)
-        self.pool = WorkerPool(reactor, size=config.workers, queue_limit=config.worker_queue)
-        self.metrics = Metrics(calls_active=lambda: len(self.calls), worker_queue=lambda: self.pool.queued,
-                               delayed_calls=lambda: len(self.reactor.getDelayedCalls()), process=True)
+        self.clock = clock
+        self.process = process
+        self.store = store
+        self.pool = pool
+        self.metrics = metrics
+        self.pacer = pacer
+        self.lag = lag
+        self.guard = guard
+        self.registry = agents
+        self.recordings = recordings
+        self.spool = spool
+        self.spooler = spooler
+        self.ledger = ledger  # upvoot.ledger.ledger.Ledger: opens and settles calls, spooling what fails
+        self._new_call = new_call
+        self._wall = wall
         self.admin: Any = None  # the admin listener (add_admin_listener)
-        self.pacer = Pacer(reactor, on_lag=self.metrics.pacing_lateness.observe)
-        self.lag = LagMonitor(reactor, on_lag=self.metrics.reactor_lag.observe)
-        self.guard = AbuseGuard(reactor, config.auth_failure_limit, config.auth_failure_window,
-                                config.max_calls_per_account)
-        self.agents: AgentRegistry | None = None
+        self.agents: Any = None  # the registry, once its engines are loaded
         self.ready = False
         self.draining = False
-        self.calls: set = set()
-        self.calls_reserved = 0
-        self.refusals: dict[int, int] = {}
+        self._shutting_down = False
+        self.calls: dict[str, _Call] = {}
         self.calls_total = 0
-        self._settling: set[defer.Deferred] = set()
+        self.admission = AdmissionPolicy(config, self, store, guard, pool, lag, metrics)
+        self._settling = Pending()
+        self._listeners: list[tuple[str, Any, Any]] = []
         self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = reactor
-        # blocking file work (recordings, the spool) runs on the reactor's threads, never on the reactor
-        self.run_in_thread = recording.reactor_threads(reactor)
-        self.recordings = recording.Recordings(config.recordings_dir, config.state_dir, config.recordings_keep,
-                                               reactor, self.run_in_thread)
-        self.spool = spoolmod.Spool(os.path.join(config.state_dir, "spool.jsonl"))
-        self.spooler = spoolmod.Spooler(self.spool, lambda: spoolmod.settle_spooled(self.spool, config.database),
-                                        reactor, self.run_in_thread,
-                                        on_applied=lambda record, charged: self.metrics.points(charged))
+        self._heartbeat.clock = clock
 
     # ------------------------------------------------------------ lifecycle
     def add_listeners(self, endpoints: list[str], factory: Any) -> None:
-        self._listeners: list[tuple[str, Any, Any]] = []
         for description in endpoints:
             svc = strports.service(description, factory)
             svc.setServiceParent(self)
@@ -121,7 +115,7 @@ class UpVootService(service.MultiService):
         replaced by a new one reading the files again. Running calls are not
         touched (closing a listening port leaves its connections open); new
         connections are refused for the moment between the two ports."""
-        for i, (description, factory, old) in enumerate(list(getattr(self, "_listeners", []))):
+        for i, (description, factory, old) in enumerate(list(self._listeners)):
             if not description.startswith(("ssl:", "haproxy:ssl:")):
                 continue
             try:
@@ -140,26 +134,22 @@ class UpVootService(service.MultiService):
             self._listeners[i] = (description, factory, new)
             self._log.info("TLS listener reloaded", event="tls.reloaded")
 
-    def _install_sighup(self) -> None:
-        import signal
-
-        def on_hup(signum, frame):
-            self.reactor.callFromThread(self.reload_tls)
-
-        try:
-            signal.signal(signal.SIGHUP, on_hup)
-        except ValueError:  # not the main thread (tests)
-            pass
-
     def add_admin_listener(self, description: str, factory: Any) -> None:
         """The admin listener (``upvoot.daemon.web``) is not a child: it listens
         first and closes last, so /healthz answers 503 while calls drain."""
         self.admin = strports.service(description, factory)
 
     def privilegedStartService(self) -> None:
-        if self.admin is not None:
-            self.admin.privilegedStartService()
-        super().privilegedStartService()
+        """Listen (admin listener first). A port that cannot be had is a
+        ``StartFailed``: twistd exits 1 with its one line."""
+        try:
+            if self.admin is not None:
+                self.admin.privilegedStartService()
+            super().privilegedStartService()
+        except Exception as e:
+            message = f"Could not listen: {e}".rstrip(".")
+            self._log.critical("{message}", event="upvoot.start_failed", message=message)
+            raise StartFailed(message) from None
 
     def startService(self) -> None:
         self.store.start()
@@ -172,24 +162,21 @@ class UpVootService(service.MultiService):
         if any(agent.record for agent in self.config.agents.values()) or os.path.isdir(self.config.recordings_dir):
             self.recordings.start()
         self._heartbeat.start(self.config.heartbeat, now=False)
-        self._install_sighup()
-        registry = AgentRegistry(self.config.agents, EngineContext(pool=self.pool, clock=self.reactor))
-        d = registry.prepare(self.reactor)
-
-        def ready(_: object) -> None:
-            self.agents = registry
-            self.ready = True
-            self._log.info("UpVoot ready: {n} agents", event="upvoot.ready", n=len(registry.agents))
-
-        def failed(f):
-            self._log.failure("Could not load the engines; stopping", f, event="upvoot.engines_failed")
-            if self.reactor.running:
-                self.reactor.stop()
-
-        d.addCallbacks(ready, failed)
+        self.process.on_sighup(self.reload_tls)
+        d = self.registry.prepare()
+        d.addCallbacks(self._ready, self._start_failed)
         if self.admin is not None:
             self.admin.startService()
         super().startService()
+
+    def _ready(self, _: object) -> None:
+        self.agents = self.registry
+        self.ready = True
+        self._log.info("UpVoot ready: {n} agents", event="upvoot.ready", n=len(self.registry.agents))
+
+    def _start_failed(self, f: Any) -> None:
+        # one line: the operator reads it, the exit status tells the supervisor
+        self.process.fail(f"Could not load the engines: {f.type.__name__}: {f.getErrorMessage()}")
 
     def settle_orphans(self, now: float | None = None) -> list[storemod.CallRecord]:
         """Settle the calls a dead process left active (end reason ``crash``,
@@ -197,8 +184,8 @@ class UpVootService(service.MultiService):
         any call can be open."""
         conn = storemod.connect(self.config.database)
         try:
-            orphans = storemod.transact(conn, storemod.settle_orphans, time.time() if now is None else now,
-                                        "crash", self._charge_for)
+            orphans = storemod.transact(conn, storemod.settle_orphans, self._wall() if now is None else now,
+                                        "crash", lambda record: settlement.crash_charge(record, self.config.agents))
         finally:
             conn.close()
         for record in orphans:
@@ -207,18 +194,16 @@ class UpVootService(service.MultiService):
                            points=record.points_charged)
         return orphans
 
-    def _charge_for(self, record: storemod.CallRecord) -> int:
-        """Points for an orphaned call: the duration its last heartbeat proves."""
-        cfg = self.config.agents.get(record.agent)
-        if cfg is None:
-            return 0
-        return math.ceil(max(0.0, record.duration) / cfg.billing_increment) * cfg.points_per_increment
-
     def _beat(self) -> None:
-        now = time.time()
-        for proto in list(self.calls):
-            d = self.store.heartbeat(proto.core.call_id, now)
-            d.addErrback(lambda f: self._log.failure("Heartbeat failed", f, event="store.heartbeat_failed"))
+        now = self._wall()
+        for call_id in list(self.calls):
+            self._heartbeat_one(call_id, now)
+
+    def _heartbeat_one(self, call_id: str, now: float) -> defer.Deferred:
+        d = self.store.heartbeat(call_id, now)
+        d.addErrback(lambda f: self._log.failure("Heartbeat failed", f, event="store.heartbeat_failed",
+                                                 call_id=call_id))
+        return d
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -229,25 +214,26 @@ class UpVootService(service.MultiService):
         2. running calls may finish on their own for up to ``drain_time``;
         3. the rest are ended with the agent's goodbye line (end reason
            ``shutdown``), up to ``shutdown_timeout`` more;
-        4. every call record is written, then the database closes.
+        4. calls still running are hung up and disconnected;
+        5. every call record is written, then the database closes.
         """
         self.draining = True
         if self.calls:
             self._log.info("Draining: {n} calls running; waiting up to {t}s", event="upvoot.draining",
                            n=len(self.calls), t=self.config.drain_time)
         yield self._wait_for_calls(self.config.drain_time)
-        for proto in list(self.calls):
-            if proto.machine is not None:
-                proto.machine.shutdown()
+        self._shutting_down = True  # a call that starts from now on hears its goodbye at once
+        for call in list(self.calls.values()):
+            call.handle.shutdown()
         yield self._wait_for_calls(self.shutdown_timeout)
         yield super().stopService()  # now the listeners
-        for proto in list(self.calls):  # still there: cut them off
+        for call_id, call in list(self.calls.items()):  # still there: cut them off
             self._log.warn("Call {call_id} did not end in time; disconnecting", event="call.forced_end",
-                           call_id=proto.core.call_id)
-            proto.machine.hangup()
-            proto.dropConnection(abort=True)
-        if self._settling:
-            yield defer.DeferredList(list(self._settling))
+                           call_id=call_id)
+            call.handle.hangup()
+            call.disconnect()
+        yield self._settling.done()
+        yield self.ledger.stop()
         yield self.spooler.stop()
         yield self.recordings.stop()
         self.lag.stop()
@@ -257,10 +243,7 @@ class UpVootService(service.MultiService):
         self.store.close()
         if self.admin is not None and self.admin.running:
             yield self.admin.stopService()
-        # A drain that wrote every record is a clean exit: twistd would
-        # otherwise re-raise SIGTERM and exit with its status.
-        if hasattr(self.reactor, "_exitSignal"):
-            self.reactor._exitSignal = None
+        self.process.drained()
 
     def _wait_for_calls(self, timeout: float) -> defer.Deferred:
         d = defer.Deferred()
@@ -275,86 +258,120 @@ class UpVootService(service.MultiService):
         loop.start(0.05).addBoth(lambda _: d.callback(None))
         return d
 
-    # ------------------------------------------------------------ admission
-    def admission_refusal(self) -> str | None:
-        """Why a new call must be refused now, or None."""
-        if not self.ready:
-            return "starting"
-        if self.draining:
-            return "draining"
-        if len(self.calls) + self.calls_reserved >= self.config.max_calls:
-            return f"max_calls ({self.config.max_calls}) reached"
-        if self.pool.saturated():
-            return "worker pool saturated"
-        if self.lag.average > self.config.lag_budget:
-            return f"reactor lag {self.lag.average * 1000:.0f} ms over budget"
-        return None
+    # ------------------------------------------------------ IVoiceService
+    def admit(self, path: str, peer: str, headers: Mapping[str, str], params: Mapping[str, str]) -> defer.Deferred:
+        return self.admission.admit(path, peer, headers, params)
 
     def note_refusal(self, status: int) -> None:
-        self.refusals[status] = self.refusals.get(status, 0) + 1
-        self.metrics.refused(status)
+        self.admission.note_refusal(status)
 
-    # ---------------------------------------------------------------- calls
-    def call_opened(self, proto: Any) -> None:
-        self.calls.add(proto)
-        self.calls_total += 1
-        self.metrics.call_started(proto.framing.name)
-        recorder = getattr(proto.core, "recorder", None)
-        start = storemod.CallStart(
-            call_id=proto.core.call_id, key_prefix=proto.key_info.prefix, account=proto.key_info.account,
-            agent=proto.key_info.agent, provider=proto.framing.name, started_at=proto.core.started_wall,
-            # the recording's path too, so a call settled as a crash still names it
-            metadata={"peer": proto.peer, **({"recording": recorder.relpath} if recorder is not None else {})},
-        )
-        d = self.store.open_call(start)
-        d.addErrback(lambda f: self._log.failure("Could not record call start", f, event="store.open_failed",
-                                                 call_id=start.call_id))
+    @property
+    def refusals(self) -> dict[int, int]:
+        return self.admission.refusals
 
-    def recorder_for(self, call_id: str) -> recording.CallRecorder:
-        """A recorder for a call of an agent with ``record = yes``."""
-        return self.recordings.recorder(call_id)
+    def start_call(self, admission: Admission, started: Any, line: Any,
+                   disconnect: Callable[[], None]) -> defer.Deferred:
+        d = defer.maybeDeferred(self._agent_for, admission, started)
+        d.addCallback(lambda agent: self._begin(admission, started, line, disconnect, agent))
 
-    def call_ended(self, proto: Any, summary: dict) -> None:
-        self.calls.discard(proto)
-        self.metrics.call_ended(summary)
-        recorder = getattr(getattr(proto, "core", None), "recorder", None)
+        def failed(f: Any) -> None:
+            self._log.failure("Could not start the call", f, event="call.start_failed")
+            admission.release()
+            return None
+
+        return d.addErrback(failed)
+
+    def _agent_for(self, admission: Admission, started: Any) -> Any:
+        """The key's agent, or the one a provider's custom parameter picks
+        among the agents the account holds a key for: Deferred[Agent] or Agent."""
+        agents = self.agents.agents
+        own = agents[admission.agent]
+        select = own.config.agent_select
+        wanted = str(started.custom.get(select, "")) if select else ""
+        if not wanted or wanted == own.config.name:
+            return own
+
+        def chosen(allowed: set) -> Any:
+            if wanted in allowed and wanted in agents:
+                return agents[wanted]
+            self._log.warn("Custom parameter asks for agent {wanted!r}, which account {account} has no key for;"
+                           " using {agent}", event="call.agent_refused", wanted=wanted[:64],
+                           account=admission.account, agent=own.config.name)
+            return own
+
+        def failed(f: Any) -> Any:
+            self._log.failure("Agent lookup failed; using the key's agent", f, event="call.agent_lookup_failed")
+            return own
+
+        return self.store.run(storemod.account_agents, admission.account).addCallbacks(chosen, failed)
+
+    def _begin(self, admission: Admission, started: Any, line: Any, disconnect: Callable[[], None],
+               agent: Any) -> Any:
+        if admission.released:
+            return None  # the connection closed while the agent was chosen
+        call_id = uuid.uuid4().hex
+        recorder = self.recordings.recorder(call_id) if agent.config.record else None
+        metadata = {"peer": admission.peer,
+                    **{k: v for k, v in attrs.asdict(started).items() if v not in (None, {}, "")}}
         if recorder is not None:
-            self.recordings.finalize(recorder)  # in a thread; stopService waits for it
-        record = storemod.CallRecord(
-            call_id=summary["call_id"], key_prefix=summary["key_prefix"], account=summary["account"],
-            agent=summary["agent"], provider=summary["provider"], started_at=summary["started_at"],
-            ended_at=summary["ended_at"], duration=summary["duration"], end_reason=summary["end_reason"],
-            turns=summary["turns"], barge_ins=summary["barge_ins"], barge_ins_resumed=summary["barge_ins_resumed"],
-            points_charged=summary["points_charged"], transcript=summary["transcript"],
-            metadata={**summary["metadata"], "engine_failures": summary["engine_failures"],
-                      "latencies": summary["latencies"]},
+            metadata["recording"] = recorder.relpath  # relative to state_dir; written after the call
+        call = _Call(handle=None, admission=admission, release=admission.take_over(), disconnect=disconnect,
+                     agent=agent, provider=started.provider, metadata=metadata, recorder=recorder)
+        try:
+            call.handle = self._new_call(
+                agent, line, self.clock, self.pacer, lambda outcome: self._ended(call, outcome), call_id=call_id,
+                lead=self.config.playout_lead, log_transcripts=self.config.log_transcripts, recorder=recorder)
+        except Exception:
+            call.release()
+            raise
+        self.calls[call_id] = call
+        self.calls_total += 1
+        self.metrics.call_started(call.provider)
+        self._open_record(call_id, call)
+        self._log.info("Call started: key {prefix}, account {account}, agent {agent}, provider {provider}, from {peer}",
+                       event="call.started", call_id=call_id, prefix=admission.key_prefix,
+                       account=admission.account, agent=agent.config.name, provider=call.provider,
+                       peer=admission.peer)
+        try:
+            call.handle.start()
+        except Exception:
+            self._log.failure("Call {call_id} failed to start; hanging up", event="call.start_failed",
+                              call_id=call_id)
+            call.handle.hangup()
+            return None
+        if self._shutting_down:
+            call.handle.shutdown()
+        return call.handle
+
+    def _open_record(self, call_id: str, call: _Call) -> None:
+        """The call as 'active', then at once a heartbeat: a process killed
+        before the first beat of the loop still charges what the call held."""
+        start = storemod.CallStart(
+            call_id=call_id, key_prefix=call.admission.key_prefix, account=call.admission.account,
+            agent=call.agent.config.name, provider=call.provider, started_at=self._wall(),
+            metadata=call.metadata,
         )
-        d = self.store.settle_call(record)
-        self._settling.add(d)
+        # never fails: an opening the database cannot take now is spooled (the ledger logs it)
+        d = self.ledger.open_call(start)
+        d.addCallback(lambda recorded: self._heartbeat_one(call_id, self._wall())
+                      if recorded and call_id in self.calls else None)
 
-        def done(charged):
-            self._settling.discard(d)
-            self.metrics.points(charged)
-            self._log.info("Call {call_id} settled: {charged} points", event="call.settled",
-                           call_id=record.call_id, charged=charged)
+    def _ended(self, call: _Call, outcome: CallOutcome) -> None:
+        self.calls.pop(outcome.call_id, None)
+        call.release()
+        if call.recorder is not None:
+            self.recordings.finalize(call.recorder)  # in a thread; stopService waits for it
+        record = settlement.call_record(outcome, key_prefix=call.admission.key_prefix,
+                                        account=call.admission.account, provider=call.provider,
+                                        metadata=call.metadata, agent_config=call.agent.config)
+        self.metrics.call_ended(outcome, call.provider)
+        self._log.info("Call ended: {reason} after {duration}s, {turns} turns, {points} points",
+                       event="call.ended", call_id=record.call_id, reason=record.end_reason,
+                       duration=record.duration, turns=record.turns, points=record.points_charged)
+        self._settle(record)
 
-        def failed(f):
-            # the database is unavailable: keep the record in the spool (fsynced) until it returns
-            self._log.warn("Could not settle call {call_id} ({error}); spooling it", event="store.settle_failed",
-                           call_id=record.call_id, error=f.getErrorMessage())
-            spooled = self.spooler.add(spoolmod.record_to_json(record))
-
-            def kept(_):
-                self._settling.discard(d)
-                self._log.warn("Call {call_id} spooled: settled when the database returns", event="store.settle_spooled",
-                               call_id=record.call_id)
-
-            def lost(f2):
-                self._settling.discard(d)
-                self._log.failure("Could not spool call {call_id}: its record is only in this log: {record}", f2,
-                                  event="store.settle_lost", call_id=record.call_id,
-                                  record=spoolmod.record_to_json(record))
-
-            return spooled.addCallbacks(kept, lost)
-
-        d.addCallbacks(done, failed)
+    def _settle(self, record: storemod.CallRecord) -> None:
+        # never fails: a record the database cannot take now is spooled (the ledger logs it);
+        # None: spooled, its points are counted when the spooler applies it
+        d = self.ledger.settle_call(record)
+        self._settling.track(d.addCallback(lambda charged: None if charged is None else self.metrics.points(charged)))

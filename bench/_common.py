@@ -4,7 +4,7 @@ real spoken questions and times the agent's answers.
 - ``question_clips``: the demo agent's questions spoken by the shipped piper
   voice (``tests.daemon.synthesize``), with silence before and after, and
   the exact sample where the speech ends.
-- ``QuestionCaller``: a ``upvoot.dial.command`` caller-audio source (the Autobahn
+- ``QuestionCaller``: a ``upvoot.dial.AudioSource`` (the Autobahn
   client of ``upvoot dial`` and ``bench/load.py``) that, after the greeting,
   asks a question, waits for the reply's ``audio_end``, pauses, asks the
   next; it records per turn when the speech ended (as sent) and when the
@@ -42,7 +42,8 @@ from twisted.internet import defer, task  # noqa: E402
 
 from bench.load import cpu_seconds, percentile  # noqa: E402,F401  (re-exported)
 from upvoot import audio  # noqa: E402
-from upvoot.dial.command import FRAME_BYTES, SILENT_FRAME, Call, DialOptions, DialResult, start_call  # noqa: E402
+from upvoot.audio import FRAME_BYTES  # noqa: E402
+from upvoot.dial import SILENT_FRAME, Call, DialOptions, DialResult, start_call  # noqa: E402
 from upvoot.engines.energy import EnergyDetector, EnergySettings  # noqa: E402
 
 #: Questions the shipped demo agent's rules answer, with a word of the reply
@@ -151,7 +152,7 @@ class TurnTiming:
 
 
 class QuestionCaller:
-    """Caller audio for ``upvoot.dial.command.Call``: silence until the greeting's
+    """An ``upvoot.dial.AudioSource`` for ``upvoot.dial.Call``: silence until the greeting's
     ``audio_end``; then, repeatedly, ``pause`` seconds (+- ``jitter``) of
     silence, one question clip (cycling through ``clips`` from ``first``),
     and silence until the ``audio_end`` of the reply (the first agent burst
@@ -191,7 +192,7 @@ class QuestionCaller:
         self._pos = 0
         self._reply_burst: int | None = None
 
-    # CallerAudio
+    # upvoot.dial.AudioSource
     def frame(self, call: Call, t: float) -> bytes:
         if self.opened_wall is None:
             self.opened_wall = time.time() - t

@@ -2,7 +2,7 @@
 
     python bench/load.py --url ws://127.0.0.1:8080/voice/KEY --calls 20 --seconds 60 --pid PID
 
-Each call is a ``upvoot.dial.command`` call (same client, same bookkeeping) whose
+Each call is a ``upvoot.dial`` call (same client, same bookkeeping) whose
 caller is ``BenchCaller``: a phone line that sends 20 ms frames in real time,
 mostly silence, and
 
@@ -51,15 +51,8 @@ import numpy as np
 from twisted.internet import defer, task
 
 from upvoot import audio
-from upvoot.dial.command import (
-    FRAME_BYTES,
-    SILENT_FRAME,
-    Burst,
-    Call,
-    DialOptions,
-    DialResult,
-    start_call,
-)
+from upvoot.audio import FRAME_BYTES
+from upvoot.dial import SILENT_FRAME, Burst, Call, DialOptions, DialResult, start_call
 
 CLOSE_GRACE = 15.0  # connect + close timeouts on top of --seconds before the watchdog
 

@@ -10,7 +10,7 @@ section: the demo agent with ``silence_timeout = 20m``, ``max_duration =
 not ended after 10 s). Then places ``--calls`` calls at once (starts spread
 over ``--ramp`` seconds; a refused call is retried after 5 s, at most
 ``--retries`` times, during the ramp and the minute after it), each the
-Autobahn client of ``upvoot dial`` (``upvoot.dial.engine.start_call``) sending
+Autobahn client of ``upvoot dial`` (``upvoot.dial.start_call``) sending
 20 ms frames in real time:
 
 - most calls send silence only, like an open line nobody talks on;
@@ -60,7 +60,7 @@ from twisted.internet import defer, task  # noqa: E402
 
 from bench._common import QuestionCaller, machine_cpu_seconds, own_cpu_seconds, question_clips, react  # noqa: E402
 from bench.load import OUTCOMES, cpu_seconds, outcome  # noqa: E402
-from upvoot.dial.engine import Call, DialOptions, DialResult, start_call  # noqa: E402
+from upvoot.dial import Call, DialOptions, DialResult, start_call  # noqa: E402
 from upvoot.daemon.service import LagMonitor  # noqa: E402
 
 AGENT = "soak"
@@ -189,7 +189,7 @@ class Soak:
 
     def source(self, i: int) -> Any:
         if not self.talker(i):
-            return None  # upvoot.dial.engine.PlayThenSilence(b""): silence only
+            return None  # upvoot.dial.PlayThenSilence(b""): silence only
         a = self.args
         return QuestionCaller(self.clips, call_no=i, max_turns=10**6, ask_until=1e9, pause=a.ask_every,
                               jitter=a.ask_jitter, first=i, reply_timeout=20.0, greeting_timeout=60.0, seed=i)

@@ -6,7 +6,7 @@
 Without --url it starts ``twistd -n upvoot`` with the shipped etc/upvoot.ini
 on a free loopback port in a temporary directory (``tests.daemon``), makes a
 key, and calls it. Each call is the Autobahn client of ``upvoot dial``
-(``upvoot.dial.command``) streaming 20 ms frames in real time; after the greeting
+(``upvoot.dial``) streaming 20 ms frames in real time; after the greeting
 the caller asks ``--turns`` questions the demo agent's rules answer (spoken
 by the shipped piper voice, 0.5 s of silence before, 0.3 s after), each
 after the previous reply's ``audio_end`` and a ``--pause``.
@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from upvoot.dial.command import FRAME_SECONDS  # noqa: E402
+from upvoot.dial import FRAME_SECONDS  # noqa: E402
 
 from bench._common import (  # noqa: E402
     OtherLoad,

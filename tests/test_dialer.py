@@ -28,6 +28,21 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
 from upvoot import audio
+from upvoot.dial import (
+    JITTER_DELAY,
+    AgentAudio,
+    AgentRecorder,
+    Burst,
+    Call,
+    Cleared,
+    ControlMessage,
+    DialOptions,
+    MarkSent,
+    Violation,
+    dial,
+    exit_code,
+    make_sim,
+)
 from upvoot.dial import command as dialer
 
 TONE_HZ = 440.0
@@ -214,7 +229,7 @@ def _loud_spans(pcm: bytes, threshold_dbfs=-40.0) -> list[tuple[int, int]]:
 def test_prints_control_messages_in_order_and_records_the_greeting(serve):
     agent, url = yield serve(close_after_greeting=0.3)
     printer, out, err = _printer()
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, record=True), printer=printer)
+    result = yield dial(_reactor(), DialOptions(url, record=True), printer=printer)
 
     lines = out.getvalue().splitlines()
     assert [json.loads(line.split(" ", 1)[1])["type"] for line in lines[:-1]] == ["audio_start", "audio_end", "transcript"]
@@ -227,14 +242,14 @@ def test_prints_control_messages_in_order_and_records_the_greeting(serve):
     assert err.getvalue() == ""
 
     assert result.closed_by == "server" and result.close_code == 1000
-    assert dialer.exit_code(result) == 0
+    assert exit_code(result) == 0
     assert result.first_audio_at < 0.2
     [(first, last)] = _loud_spans(result.recording)
     assert 48 <= last - first <= 51  # ~1 s of tone, no gaps inside
     tone = result.recording[first * audio.FRAME_BYTES : last * audio.FRAME_BYTES]
     assert abs(_dominant_hz(tone) - TONE_HZ) < 5
     # time-aligned: starts at the arrival (plus the jitter buffer), lasts to the hang-up
-    assert first * 0.02 == pytest.approx(result.first_audio_at + dialer.PLAYOUT_DELAY, abs=0.03)
+    assert first * 0.02 == pytest.approx(result.first_audio_at + JITTER_DELAY, abs=0.03)
     assert audio.duration(result.recording) == pytest.approx(result.duration, abs=0.01)
 
 
@@ -242,7 +257,7 @@ def test_prints_control_messages_in_order_and_records_the_greeting(serve):
 def test_json_lines(serve):
     agent, url = yield serve(greeting_seconds=0.2, close_after_greeting=0.0)
     out, err = io.StringIO(), io.StringIO()
-    yield dialer.dial(_reactor(), dialer.DialOptions(url), printer=dialer.Printer(out, err, json_lines=True))
+    yield dial(_reactor(), DialOptions(url), printer=dialer.Printer(out, err, json_lines=True))
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [row["msg"]["type"] for row in rows[:-1]] == ["audio_start", "audio_end", "transcript"]
     assert all(isinstance(row["t"], float) for row in rows)
@@ -254,7 +269,7 @@ def test_json_lines(serve):
 @pytest_twisted.inlineCallbacks
 def test_record_raw_concatenates(serve):
     agent, url = yield serve(greeting_seconds=0.4, close_after_greeting=0.2)
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, record=True, record_raw=True))
+    result = yield dial(_reactor(), DialOptions(url, record=True, record_raw=True))
     assert len(result.recording) == 20 * audio.FRAME_BYTES
     assert result.recording == audio.tone(TONE_HZ, 0.4, level_dbfs=-12.0)
 
@@ -263,8 +278,8 @@ def test_record_raw_concatenates(serve):
 def test_played_wav_reaches_the_server_in_real_time(serve):
     agent, url = yield serve(greeting_seconds=0.3)
     caller = audio.tone(1000.0, 1.0, level_dbfs=-6.0)
-    options = dialer.DialOptions(url, play=caller, play_after_greeting=True, hangup_after=1.8)
-    result = yield dialer.dial(_reactor(), options)
+    options = DialOptions(url, play=caller, play_after_greeting=True, hangup_after=1.8)
+    result = yield dial(_reactor(), options)
     yield _settle()
 
     [server] = agent.connections
@@ -281,14 +296,14 @@ def test_played_wav_reaches_the_server_in_real_time(serve):
     assert len(server.received) == pytest.approx(1.8 / 0.02, abs=5)
     assert result.closed_by == "client" and result.hangup_reason == "hangup-after"
     assert server.close_code == 1000
-    assert dialer.exit_code(result) == 0
+    assert exit_code(result) == 0
 
 
 @pytest_twisted.inlineCallbacks
 def test_end_call_is_sent(serve):
     agent, url = yield serve(greeting_seconds=0.2)
     printer, out, err = _printer()
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, end_call_after=0.5), printer=printer)
+    result = yield dial(_reactor(), DialOptions(url, end_call_after=0.5), printer=printer)
     yield _settle()
 
     [server] = agent.connections
@@ -299,25 +314,25 @@ def test_end_call_is_sent(serve):
     assert '+0.5' in out.getvalue() and 'sent {"type": "end_call"}' in out.getvalue()
     assert result.messages[-1][1] == {"type": "transcript", "role": "agent", "text": "Goodbye."}
     assert result.closed_by == "server" and result.close_code == 1000
-    assert dialer.exit_code(result) == 0
+    assert exit_code(result) == 0
 
 
 @pytest_twisted.inlineCallbacks
 def test_max_seconds_hangs_up(serve):
     agent, url = yield serve(greeting_seconds=0.1)
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, max_seconds=0.4))
+    result = yield dial(_reactor(), DialOptions(url, max_seconds=0.4))
     assert result.closed_by == "client" and result.hangup_reason == "max-seconds"
     assert result.duration == pytest.approx(0.4, abs=0.1)
-    assert dialer.exit_code(result) == 0
+    assert exit_code(result) == 0
 
 
 @pytest_twisted.inlineCallbacks
 def test_refused_upgrade_is_reported_with_exit_code_3(serve):
     agent, url = yield serve(deny=True)
     printer, out, err = _printer()
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(url, connect_timeout=5), printer=printer)
+    result = yield dial(_reactor(), DialOptions(url, connect_timeout=5), printer=printer)
     assert result.refused == 401 and not result.opened
-    assert dialer.exit_code(result) == 3
+    assert exit_code(result) == 3
     assert err.getvalue() == "refused: HTTP 401\n"
 
 
@@ -328,8 +343,8 @@ def test_connection_refused_is_a_failure():
     number = port.getHost().port
     yield port.stopListening()
     printer, out, err = _printer()
-    result = yield dialer.dial(_reactor(), dialer.DialOptions(f"ws://127.0.0.1:{number}/voice/k"), printer=printer)
-    assert dialer.exit_code(result) == 1
+    result = yield dial(_reactor(), DialOptions(f"ws://127.0.0.1:{number}/voice/k"), printer=printer)
+    assert exit_code(result) == 1
     assert err.getvalue().startswith(f"failed: cannot connect to 127.0.0.1:{number}")
 
 
@@ -368,12 +383,12 @@ def _self_signed(tmp_path):
 def test_wss_with_cafile_and_insecure(serve, tmp_path):
     cafile, server_tls = _self_signed(tmp_path)
     agent, url = yield serve(tls=server_tls, greeting_seconds=0.1, close_after_greeting=0.0)
-    trusted = yield dialer.dial(_reactor(), dialer.DialOptions(url, cafile=cafile))
+    trusted = yield dial(_reactor(), DialOptions(url, cafile=cafile))
     assert trusted.close_code == 1000 and trusted.audio_frames == 5
-    insecure = yield dialer.dial(_reactor(), dialer.DialOptions(url, insecure=True))
+    insecure = yield dial(_reactor(), DialOptions(url, insecure=True))
     assert insecure.close_code == 1000 and insecure.audio_frames == 5
-    untrusted = yield dialer.dial(_reactor(), dialer.DialOptions(url, connect_timeout=5))
-    assert not untrusted.opened and dialer.exit_code(untrusted) == 1
+    untrusted = yield dial(_reactor(), DialOptions(url, connect_timeout=5))
+    assert not untrusted.opened and exit_code(untrusted) == 1
     assert "certificate verify failed" in untrusted.error
     yield _settle(0.1)  # let the server side see its failed TLS connections close
 
@@ -429,12 +444,12 @@ def test_stereo_44k_wav_becomes_16k_mono(tmp_path):
     assert abs(_dominant_hz(options.play) - 1000.0) < 5
 
 
-# ---- the playout model, on a fake clock ------------------------------------------------------
+# ---- the agent recorder (what the caller heard), on a fake clock ------------------------------------------------------
 
 
-def test_playout_keeps_gaps_between_bursts_and_absorbs_small_jitter():
+def test_agent_recorder_keeps_gaps_between_bursts_and_absorbs_small_jitter():
     frame = audio.tone(440.0, 0.02)
-    p = dialer.Playout(delay=0.04)
+    p = AgentRecorder(delay=0.04)
     for i in range(10):  # 0.2 s burst at 1.0 s, each frame 3 ms late
         p.add(1.0 + i * 0.02 + (0.003 if i else 0), frame)
     for i in range(5):  # second burst at 2.0 s
@@ -481,7 +496,7 @@ def test_parse_proc_stat(bench):
 def test_frame_jitter_skips_the_lead_and_measures_gaps(bench):
     frames = [(0.0, 640), (0.0, 640), (0.0, 640)]  # a lead of three frames at once
     frames += [(0.02 * (i - 2) + (0.005 if i == 6 else 0.0), 640) for i in range(3, 12)]  # then paced
-    burst = dialer.Burst(start=0.0, end=0.3, interrupted=False, frames=frames)
+    burst = Burst(start=0.0, end=0.3, interrupted=False, frames=frames)
     jitter = bench.frame_jitter([burst], skip=0.06)
     assert len(jitter) == 9
     assert sorted(round(j, 4) for j in jitter)[-2:] == [0.005, 0.005]  # frame 6 late, 7 early by as much
@@ -489,8 +504,8 @@ def test_frame_jitter_skips_the_lead_and_measures_gaps(bench):
 
 
 def test_barge_in_latency_pairs_onsets_with_interrupted_bursts(bench):
-    spoken = dialer.Burst(start=0.0, end=2.05, interrupted=True, frames=[(0.02 * i, 640) for i in range(100)])
-    finished = dialer.Burst(start=3.0, end=4.0, interrupted=False, frames=[(3.0, 640)])
+    spoken = Burst(start=0.0, end=2.05, interrupted=True, frames=[(0.02 * i, 640) for i in range(100)])
+    finished = Burst(start=3.0, end=4.0, interrupted=False, frames=[(3.0, 640)])
     [cut, missed, outside] = bench.barge_ins([spoken, finished], [1.7, 3.5, 5.0])
     assert cut.last_frame == pytest.approx(0.28) and cut.heard == pytest.approx(0.3)
     assert cut.audio_end == pytest.approx(0.35)
@@ -534,3 +549,105 @@ def test_unwritable_record_path_is_exit_2(tmp_path):
     args = _args("ws://127.0.0.1:9/voice/k", "--record", str(tmp_path / "missing" / "out.wav"))
     assert dialer.run(args, io.StringIO(), err) == 2
     assert err.getvalue().startswith("error: cannot write ")
+
+
+# ---- the provider simulators, sans-IO ----------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _sent(frames) -> list:
+    return [json.loads(f.payload) for f in frames]
+
+
+def test_exotel_sim_checks_chunks_and_its_stream_and_finishes_the_playing_chunk():
+    sim = make_sim("exotel")
+    sid = sim.stream_id
+    [bad] = sim.receive_text(json.dumps({"event": "media", "stream_sid": sid, "media": {"payload": _b64(bytes(1000))}}), 0.0)[:1]
+    assert bad == Violation("media chunk of 1000 bytes (Exotel wants 3200..100000, x320)")
+    events = sim.receive_text(json.dumps({"event": "media", "stream_sid": "other", "media": {"payload": _b64(bytes(3200))}}), 0.0)
+    assert events[0] == Violation("stream_sid 'other' is not this stream's " + repr(sid)) and isinstance(events[1], AgentAudio)
+    assert sim.receive_text(json.dumps({"event": "media", "stream_sid": sid}), 0.0) == [Violation("media without a base64 payload")]
+    assert sim.chunk_sizes == [1000, 3200]
+    # 1000 + 3200 bytes of 8 kHz s16le: 0.2625 s queued from 0; a mark after them, then a clear at 0.1
+    assert sim.receive_text(json.dumps({"event": "mark", "stream_sid": sid, "mark": {"name": "m"}}), 0.0) == [MarkSent("m")]
+    [cleared] = sim.receive_text(json.dumps({"event": "clear", "stream_sid": sid}), 0.1)
+    assert cleared.lost == () and cleared.dropped == pytest.approx(0.0)  # the chunk playing at 0.1 ends at 0.2625
+    assert sim.poll(0.2) == [] and _sent(sim.poll(0.3))[0]["mark"] == {"name": "m"}
+
+
+def test_twilio_sim_rejects_a_foreign_stream_and_returns_marks_on_clear():
+    sim = make_sim("twilio")
+    foreign = {"event": "media", "streamSid": "MZnot", "media": {"payload": _b64(bytes(160))}}
+    assert sim.receive_text(json.dumps(foreign), 0.0) == [Violation("media with streamSid 'MZnot'")]
+    [media] = sim.receive_text(json.dumps({**foreign, "streamSid": sim.stream_id}), 0.0)
+    assert isinstance(media, AgentAudio) and media.size == 160 and media.plays_at == 0.0
+    sim.receive_text(json.dumps({"event": "mark", "streamSid": sim.stream_id, "mark": {"name": "a"}}), 0.0)
+    assert sim.receive_text(json.dumps({"event": "clear", "streamSid": sim.stream_id}), 0.01) == [Cleared(pytest.approx(0.01), returned=("a",))]
+    assert [m["mark"]["name"] for m in _sent(sim.poll(0.01))] == ["a"]
+    assert isinstance(sim.receive_text(json.dumps({"event": "hello"}), 0.0)[0], ControlMessage)
+
+
+def test_plivo_sim_checks_the_format_and_loses_marks_on_clear():
+    sim = make_sim("plivo", 16000)
+    play = {"event": "playAudio", "streamId": sim.stream_id,
+            "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": _b64(bytes(640))}}
+    [wrong, media] = sim.receive_text(json.dumps(play), 0.0)
+    assert wrong == Violation("playAudio in audio/x-mulaw/8000, stream is audio/x-l16/16000") and isinstance(media, AgentAudio)
+    assert sim.receive_text(json.dumps({"event": "playAudio", "media": {}}), 0.0) == [Violation("playAudio without a base64 payload")]
+    assert sim.receive_text(json.dumps({"event": "checkpoint", "name": "c"}), 0.0) == [MarkSent("c")]
+    assert sim.receive_text(json.dumps({"event": "clearAudio"}), 0.0) == [Cleared(pytest.approx(0.02), lost=("c",))]
+    assert [m["event"] for m in _sent(sim.poll(1.0))] == ["clearedAudio"]
+    assert "from=+15550100001,to=+15550100002" in _sent(sim.open())[0]["extra_headers"]
+
+
+def test_telnyx_and_vonage_sims_check_frame_lengths():
+    telnyx = make_sim("telnyx")
+    short = {"event": "media", "media": {"payload": _b64(bytes(80))}}
+    assert telnyx.receive_text(json.dumps(short), 0.0)[0] == Violation("media of 10.0 ms (Telnyx takes 20 ms..30 s)")
+    vonage = make_sim("vonage")
+    assert vonage.receive_binary(bytes(100), 0.0)[0] == Violation("binary frame of 100 bytes (Vonage wants exactly 640)")
+    assert vonage.receive_text(json.dumps({"action": "notify", "payload": {"name": "n", "x": 1}}), 0.0) == [MarkSent("n")]
+    assert _sent(vonage.poll(0.01)) == [{"event": "websocket:notify", "payload": {"name": "n", "x": 1}}]
+    opened = _sent(vonage.open())[0]
+    assert (opened["from"], opened["to"]) == ("+15550100001", "+15550100002")
+
+
+def test_a_provider_call_on_a_fake_clock_counts_bursts_marks_and_clears():
+    class Transport:
+        def __init__(self):
+            self.texts, self.closed = [], None
+
+        def send_binary(self, data):
+            raise AssertionError("twilio sends text only")
+
+        def send_text(self, text):
+            self.texts.append(json.loads(text))
+
+        def close(self, code, reason):
+            self.closed = (code, reason)
+
+    clock = task.Clock()
+    call = Call(clock, DialOptions("ws://h/voice/k", provider="twilio", hangup_after=2.0, record=True))
+    assert call.url.endswith("?provider=twilio")
+    transport = Transport()
+    call.opened(transport)
+    assert [m["event"] for m in transport.texts] == ["connected", "start"]
+    sid = call.sim.stream_id
+    for i in range(10):  # 0.2 s of agent audio, then a mark
+        call.text(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": _b64(b"\x7f" * 160)}}))
+    call.text(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "end"}}))
+    clock.pump([0.02] * 30)
+    assert [m["mark"]["name"] for m in transport.texts if m["event"] == "mark"] == ["end"]
+    [burst] = call.result.bursts
+    assert burst.end == pytest.approx(0.2) and burst.interrupted is False
+    clock.advance(1.5)
+    assert transport.closed == (1000, "hangup-after") and transport.texts[-1]["event"] == "stop"
+    call.closed(True, 1000, "hangup-after")
+    r = call.result
+    assert (r.marks, r.clears, r.violations, r.closed_by, exit_code(r)) == (1, 0, [], "client", 0)
+    assert r.duration == pytest.approx(2.1) and audio.duration(r.recording) == pytest.approx(r.duration)

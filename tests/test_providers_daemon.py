@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 from tests.daemon import BIN, Caller, Daemon, shipped_ini, synthesize
 from upvoot import audio
 from upvoot.config import load_config
-from upvoot.dial.providers import AgentAudio, Cleared, MarkSent, Violation, make_sim
+from upvoot.dial import AgentAudio, Cleared, MarkSent, Violation, make_sim
 
 pytestmark = pytest.mark.slow
 
@@ -307,7 +307,7 @@ def test_barge_in_cut_follows_acknowledged_marks(daemon, question, interruption)
     caller has provably heard nothing, and the record says so."""
     key = daemon.key(agent="long", account="p-unacked", points=10)
     sim = _sim("exotel", None, None)
-    sim.player.mark = lambda now, name: None  # this provider never echoes a mark
+    sim.buffer.mark = lambda now, name: None  # this provider never echoes a mark
     call = ProviderCall(sim.url(daemon.url(f"/voice/{key}")), sim)
     try:
         call.wait_quiet(0.0, quiet=2.0)  # the greeting's wait for its marks gives up after MARK_GRACE

@@ -21,7 +21,7 @@ provider offers a choice, ``--custom KEY=VALUE`` for its custom parameters):
   the open, then one summary line; with a provider, the messages it sends
   (start, mark echoes, stop) too, media never;
 - ``--record FILE.wav`` writes the agent's audio as the caller hears it (see
-  ``Playout``); ``--record-raw`` just concatenates the frames;
+  ``upvoot.dial.media.AgentRecorder``); ``--record-raw`` just concatenates the frames;
 - ``--end-call-after S`` sends ``{"type": "end_call"}`` (raw only);
   ``--hangup-after S`` hangs up (a provider sends its ``stop`` first);
   ``--max-seconds S`` (default 120) always ends the call;
@@ -35,9 +35,9 @@ Exit codes: 0 the server closed with 1000, or we hung up; 1 any other end
 (connection failed, dropped, another close code); 2 bad arguments or input
 files; 3 the server refused the upgrade (``refused: HTTP 401``).
 
-Layout: this module is the command line and its printing; the call itself
-(``Call``, ``dial``, ``start_call``, ``DialOptions``, ``DialResult``,
-``Playout``) lives in ``upvoot.dial.engine`` and is re-exported here.
+Layout: this module is the command line and its printing; the call and its
+parts are the package's public surface (``upvoot.dial``: ``dial``,
+``start_call``, ``DialOptions``, ``DialResult``, ...).
 """
 
 from __future__ import annotations
@@ -54,33 +54,9 @@ from autobahn.websocket.util import parse_url
 from twisted.internet import defer, task
 
 from upvoot.audio import duration, read_wav, write_wav
-from upvoot.dial.engine import (  # noqa: F401  (re-exported: tests and bench/load.py use them from here)
-    BURST_GAP,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_USAGE,
-    FRAME_BYTES,
-    FRAME_SECONDS,
-    MAX_CATCH_UP_FRAMES,
-    MAX_MESSAGE_BYTES,
-    PLAYOUT_DELAY,
-    SILENT_FRAME,
-    Burst,
-    Call,
-    CallerAudio,
-    CallTransport,
-    DialOptions,
-    DialResult,
-    PlayThenSilence,
-    Playout,
-    _load_certificates,
-    dial,
-    exit_code,
-    start_call,
-    tls_options,
-)
-from upvoot.dial.providers import PROVIDERS
+from upvoot.dial.connect import load_certificates, start_call
+from upvoot.dial.providers import PROVIDERS, make_sim
+from upvoot.dial.result import EXIT_OK, EXIT_USAGE, DialOptions, DialResult, exit_code
 
 #: how long to wait for the daemon to settle the call record (--config)
 RECORD_WAIT = 10.0
@@ -227,7 +203,7 @@ def options_from_args(args: argparse.Namespace) -> DialOptions:
         raise ValueError("--cafile and --insecure need a wss:// URL")
     if args.cafile:
         try:
-            _load_certificates(args.cafile)
+            load_certificates(args.cafile)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot use --cafile {args.cafile}: {_reason(e)}")
     if args.record_raw and not args.record:
@@ -244,8 +220,6 @@ def options_from_args(args: argparse.Namespace) -> DialOptions:
     if provider != "raw":
         if args.end_call_after is not None:
             raise ValueError("--end-call-after sends the raw protocol's end_call; providers end with --hangup-after")
-        from upvoot.dial.providers import make_sim
-
         make_sim(provider, args.sample_rate, args.codec)  # ValueError for a rate or codec it does not offer
     play = b""
     if args.play:

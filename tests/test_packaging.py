@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,20 @@ def test_wheel_ships_the_plugin_and_the_type_marker(wheel):
     assert "twisted/plugins/upvoot_plugin.py" in names
     assert "upvoot/py.typed" in names
     assert "upvoot/daemon/tap.py" in names and "upvoot/engines/__init__.py" in names
+
+
+def test_wheel_ships_every_package_and_module_of_the_tree(wheel):
+    names = set(wheel.namelist())
+    for package in ("call", "daemon", "dial", "engines", "framing", "ledger"):
+        assert f"upvoot/{package}/__init__.py" in names
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "upvoot").rglob("*.py")}
+    assert sources - names == set()
+
+
+def test_wheel_ships_the_module_the_plugin_names(wheel):
+    text = wheel.read("twisted/plugins/upvoot_plugin.py").decode("utf-8")
+    [target] = re.findall(r'ServiceMaker\(\s*"upvoot",\s*"([\w.]+)"', text)
+    assert target.replace(".", "/") + ".py" in set(wheel.namelist())
 
 
 def test_wheel_does_not_own_the_twisted_packages(wheel):

@@ -48,8 +48,8 @@ __all__ = ["CallMachine", "INITIAL", "STATES", "TRANSITIONS"]
 
 builder = TypeMachineBuilder(CallInputs, CallCore)
 new = builder.state("new")
-listening = builder.state("listening", lambda proto, core: core.listening())
-hearing = builder.state("hearing", lambda proto, core: core.interims())
+listening = builder.state("listening", lambda inputs, core: core.listening())
+hearing = builder.state("hearing", lambda inputs, core: core.interims())
 thinking = builder.state("thinking")
 speaking = builder.state("speaking")
 paused = builder.state("paused")
@@ -79,130 +79,130 @@ def on(old: Any, inp: Callable[..., None], new_state: Any) -> Any:
 
 # --- new
 @on(new, CallInputs.start, speaking)
-def _start(proto: CallInputs, core: CallCore) -> None:
+def _start(inputs: CallInputs, core: CallCore) -> None:
     core.begin()
 
 
 # --- listening
 @on(listening, CallInputs.speech_started, hearing)
-def _listen_hear(proto: CallInputs, core: CallCore, data: Listening) -> None:
+def _listen_hear(inputs: CallInputs, core: CallCore, data: Listening) -> None:
     data.cancel()
 
 
 @on(listening, CallInputs.silence_prompt_due, speaking)
-def _prompt(proto: CallInputs, core: CallCore, data: Listening) -> None:
+def _prompt(inputs: CallInputs, core: CallCore, data: Listening) -> None:
     data.cancel()
     core.say(core.agent.config.silence_prompt, ReplyKind.PROMPT)
 
 
 @on(listening, CallInputs.wrap_up_due, speaking)
-def _warn(proto: CallInputs, core: CallCore, data: Listening) -> None:
+def _warn(inputs: CallInputs, core: CallCore, data: Listening) -> None:
     data.cancel()
     core.say(core.agent.config.wrap_up_warning, ReplyKind.WARNING)
 
 
 @on(listening, CallInputs.digit_pressed, thinking)
-def _digit_listen(proto: CallInputs, core: CallCore, data: Listening, text: str) -> None:
+def _digit_listen(inputs: CallInputs, core: CallCore, data: Listening, text: str) -> None:
     data.cancel()
     core.start_text_turn(text)
 
 
 @on(listening, CallInputs.digit_waiting, thinking)
-def _digit_waiting_listen(proto: CallInputs, core: CallCore, data: Listening, text: str) -> None:
+def _digit_waiting_listen(inputs: CallInputs, core: CallCore, data: Listening, text: str) -> None:
     data.cancel()
     core.start_text_turn(text)
 
 
 # --- hearing
 @on(hearing, CallInputs.speech_discarded, listening)
-def _hear_discard(proto: CallInputs, core: CallCore, data: Interims) -> None:
+def _hear_discard(inputs: CallInputs, core: CallCore, data: Interims) -> None:
     data.cancel()
 
 
 @on(hearing, CallInputs.utterance_ended, thinking)
-def _hear_end(proto: CallInputs, core: CallCore, data: Interims, pcm: bytes) -> None:
+def _hear_end(inputs: CallInputs, core: CallCore, data: Interims, pcm: bytes) -> None:
     data.cancel()
     core.start_turn(pcm)
 
 
 @on(hearing, CallInputs.digit_pressed, thinking)
-def _digit_hear(proto: CallInputs, core: CallCore, data: Interims, text: str) -> None:
+def _digit_hear(inputs: CallInputs, core: CallCore, data: Interims, text: str) -> None:
     data.cancel()
     core.digit_turn_while_hearing(text)
 
 
 @on(hearing, CallInputs.digit_waiting, thinking)
-def _digit_waiting_hear(proto: CallInputs, core: CallCore, data: Interims, text: str) -> None:
+def _digit_waiting_hear(inputs: CallInputs, core: CallCore, data: Interims, text: str) -> None:
     data.cancel()
     core.digit_turn_while_hearing(text)
 
 
 # --- thinking
 @on(thinking, CallInputs.reply_ready, speaking)
-def _think_speak(proto: CallInputs, core: CallCore) -> None:
+def _think_speak(inputs: CallInputs, core: CallCore) -> None:
     core.start_reply_audio()
 
 
 @on(thinking, CallInputs.nothing_heard, listening)
-def _think_nothing(proto: CallInputs, core: CallCore) -> None:
+def _think_nothing(inputs: CallInputs, core: CallCore) -> None:
     core.forget_reply()
 
 
 @on(thinking, CallInputs.speech_started, hearing)
-def _think_more(proto: CallInputs, core: CallCore) -> None:
+def _think_more(inputs: CallInputs, core: CallCore) -> None:
     core.caller_resumed()
 
 
 @on(thinking, CallInputs.digit_pressed, thinking)
-def _digit_think(proto: CallInputs, core: CallCore, text: str) -> None:
+def _digit_think(inputs: CallInputs, core: CallCore, text: str) -> None:
     core.start_text_turn(text)
 
 
 @on(thinking, CallInputs.digit_waiting, thinking)
-def _digit_waiting_think(proto: CallInputs, core: CallCore, text: str) -> None:
+def _digit_waiting_think(inputs: CallInputs, core: CallCore, text: str) -> None:
     core.start_text_turn(text)
 
 
 # --- speaking
 @on(speaking, CallInputs.speech_started, paused)
-def _speak_pause(proto: CallInputs, core: CallCore) -> None:
+def _speak_pause(inputs: CallInputs, core: CallCore) -> None:
     core.pause()
 
 
 @on(speaking, CallInputs.reply_played, listening)
-def _speak_done(proto: CallInputs, core: CallCore) -> None:
+def _speak_done(inputs: CallInputs, core: CallCore) -> None:
     core.after_playout()
 
 
 @on(speaking, CallInputs.agent_finished, ended)
-def _agent_done(proto: CallInputs, core: CallCore) -> None:
+def _agent_done(inputs: CallInputs, core: CallCore) -> None:
     core.finish(EndReason.AGENT)
 
 
 # --- paused
 @on(paused, CallInputs.speech_confirmed, hearing)
-def _barge(proto: CallInputs, core: CallCore) -> None:
+def _barge(inputs: CallInputs, core: CallCore) -> None:
     core.barge_in()
 
 
 @on(paused, CallInputs.speech_discarded, speaking)
-def _not_barge(proto: CallInputs, core: CallCore) -> None:
+def _not_barge(inputs: CallInputs, core: CallCore) -> None:
     core.resume()
 
 
 @on(paused, CallInputs.utterance_ended, thinking)
-def _barge_turn(proto: CallInputs, core: CallCore, pcm: bytes) -> None:
+def _barge_turn(inputs: CallInputs, core: CallCore, pcm: bytes) -> None:
     core.barge_in()
     core.start_turn(pcm)
 
 
 # --- while the agent speaks, a digit interrupts it or waits for it
-def _digit_interrupts(proto: CallInputs, core: CallCore, text: str) -> None:
+def _digit_interrupts(inputs: CallInputs, core: CallCore, text: str) -> None:
     core.barge_in()
     core.start_text_turn(text)
 
 
-def _digit_waits(proto: CallInputs, core: CallCore, text: str) -> None:
+def _digit_waits(inputs: CallInputs, core: CallCore, text: str) -> None:
     core.hold_digit(text)
 
 
@@ -212,7 +212,7 @@ for _state in (speaking, paused):
 
 
 # --- the wrap-up warning while busy: said at the next quiet moment
-def _wrap_up_later(proto: CallInputs, core: CallCore, *data: object) -> None:
+def _wrap_up_later(inputs: CallInputs, core: CallCore, *data: object) -> None:
     core.wrap_up_pending = True
 
 
@@ -232,7 +232,7 @@ _ENDINGS: tuple[tuple[Callable[..., None], EndReason, Callable[[Any], str]], ...
 
 
 def _begin_ending(reason: EndReason, line_of: Callable[[Any], str]) -> Callable[..., None]:
-    def begin_ending(proto: CallInputs, core: CallCore, *data: object) -> None:
+    def begin_ending(inputs: CallInputs, core: CallCore, *data: object) -> None:
         _leave(data)
         core.begin_ending(reason, line_of(core.agent.config))
 
@@ -245,11 +245,11 @@ for _inp, _reason, _line in _ENDINGS:
 
 
 @on(ending, CallInputs.closing_played, ended)
-def _ended(proto: CallInputs, core: CallCore) -> None:
+def _ended(inputs: CallInputs, core: CallCore) -> None:
     core.finish()
 
 
-def _hang_up(proto: CallInputs, core: CallCore, *data: object) -> None:
+def _hang_up(inputs: CallInputs, core: CallCore, *data: object) -> None:
     _leave(data)
     core.finish(EndReason.HANGUP)
 

@@ -911,3 +911,25 @@ def test_a_client_that_does_not_read_gets_no_pongs_and_a_bounded_queue(recorded)
     advance(w, 0.1)
     assert w.service.handles[0].inputs[-1] == ("hangup",)
     assert w.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("payload, expected", [
+    ((1004).to_bytes(2, "big"), 1002),  # a reserved close code
+    ((1000).to_bytes(2, "big") + b"\xff\xfe", 1007),  # a close reason that is not UTF-8
+])
+def test_a_bad_close_frame_gets_its_close_code_not_a_reset(recorded, payload, expected):
+    w, client = recorded.w, recorded.client
+    closes: list[bytes] = []
+    real_process = client.processControlFrame
+
+    def watch():  # the close frame the server sent back, before the connection goes
+        if client.current_frame.opcode == 8:
+            closes.append(b"".join(client.control_frame_data))
+        return real_process()
+
+    client.processControlFrame = watch
+    client.sendFrame(opcode=8, payload=payload)
+    advance(w, 0.1)
+    assert [int.from_bytes(c[:2], "big") for c in closes] == [expected]
+    assert recorded.server.state == recorded.server.STATE_CLOSED
+    assert w.clock.getDelayedCalls() == []

@@ -60,6 +60,7 @@ class VoiceProtocol(WebSocketServerProtocol):
         self._watch: StallWatch | None = None
         self._handshake_bytes = 0
         self._complaints: Complaints | None = None
+        self._abort_timer: Any = None  # a lingering close (_linger)
 
     @property
     def service(self) -> IVoiceService:
@@ -279,7 +280,7 @@ class VoiceProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_CLOSING and self.failedByMe:
             # we failed the connection (a bad close frame, e.g. one byte long): the close we sent
             # must reach the client before the connection goes, not be thrown away by an abort
-            self.dropConnection(abort=False)
+            self._linger()
             return True
         # Autobahn answers a bad close frame with 1002/1007, then aborts the connection,
         # which throws that answer away (the client sees a reset): answer it, then close
@@ -287,9 +288,18 @@ class VoiceProtocol(WebSocketServerProtocol):
         bad_reason = reasonRaw is not None and not is_utf8(reasonRaw)
         if self.state == self.STATE_OPEN and (bad_code or bad_reason):
             self._fail_connection(1002 if bad_code else 1007, "invalid close code" if bad_code else "invalid close reason")
-            self.dropConnection(abort=False)
+            self._linger()
             return True
         return super().onCloseFrame(code, reasonRaw)
+
+    def _linger(self) -> None:
+        """Close once our close frame has left; abort after close_timeout (a client that does not read)."""
+        self.dropConnection(abort=False)
+        self._abort_timer = self.service.clock.callLater(self.factory.closeHandshakeTimeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()
 
     def _stalled(self, why: str) -> None:
         self._log.warn("Client stopped reading ({why}); disconnecting", event="call.client_stalled", why=why,
@@ -298,9 +308,10 @@ class VoiceProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int, reason: str) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._abort_timer = None
         if self._watch is not None:
             self._watch.stopProducing()
             self._watch = None

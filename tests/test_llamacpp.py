@@ -588,7 +588,7 @@ def test_the_daemon_answers_a_call_with_the_llamacpp_brain_and_a_barge_in_stops_
 greeting = Hello.
 silence_prompt =
 silence_timeout = 30s
-system_prompt = You are a counting machine. Whatever you are asked, count upwards in words, one number after another, and never stop.
+system_prompt = You are a storyteller. Answer every question with a very long, detailed story.
 brain = llamacpp
 brain.model = local.gguf
 brain.max_tokens = 1500
@@ -603,7 +603,7 @@ brain.temperature = 0
         try:
             c.wait_json("audio_end", timeout=15)
             mark = len(c.events)
-            c.play(synthesize("Please count from one to one thousand."))
+            c.play(synthesize("Please tell me a long story about a lighthouse keeper."))
             c.pause(0.2)
             c.wait_json("transcript", role="caller", after=mark, timeout=20)
             c.wait_json("audio_start", after=mark, timeout=60)

@@ -432,3 +432,22 @@ def test_no_log_line_ever_holds_a_key_only_a_valid_keys_prefix(world, logged):
         for key in (KEY, POOR, REVOKED, GONE):
             assert key not in text and key[12:] not in text, text
     assert "uvk_Unknown0" not in "".join(formatEvent(e) for e in logged), "an unknown key's prefix is never logged"
+
+
+def test_429_when_the_address_holds_its_limit_of_calls(world, logged):
+    """``max_calls_per_address``: a connection waiting to become a call (a slot
+    holder) counts against its address from its admission until released;
+    other addresses are not affected."""
+    world.guard.max_calls_per_account = 0
+    world.guard.max_calls_per_address = 1
+    a = world.admit()
+    assert isinstance(a, Admission) and world.guard.address_calls("203.0.113.9") == 1
+    refused(world.admit(), 429)
+    assert [e["host"] for e in logged if e.get("event") == "handshake.address_limit"] == ["203.0.113.9"]
+    other = world.admit(peer="tcp4:203.0.113.10:5555")
+    assert isinstance(other, Admission), "another address is not limited"
+    other.release()
+    a.release()
+    a.release()  # idempotent: one count back, not two
+    assert world.guard.address_calls("203.0.113.9") == 0
+    assert isinstance(world.admit(), Admission)

@@ -404,6 +404,7 @@ RANGE_ERRORS = [
     ("max_turns", "10001", "10001 is out of range (1..10000)"),
     ("max_calls", "100001", "100001 is out of range (1..100000)"),
     ("max_calls_per_account", "100001", "100001 is out of range (0..100000)"),
+    ("max_calls_per_address", "100001", "100001 is out of range (0..100000)"),
     ("workers", "65", "65 is out of range (0..64)"),
     ("worker_queue", "1001", "1001 is out of range (0..1000)"),
     ("max_message_size", "1023", "1023 is out of range (1024..67108864)"),

@@ -196,6 +196,7 @@ class Config:
     drain_time: float
     heartbeat: float
     max_calls_per_account: int
+    max_calls_per_address: int
     auth_failure_limit: int
     auth_failure_window: float
     trust_x_forwarded_for: int
@@ -231,6 +232,7 @@ _MAIN: dict[str, Option] = {
     "drain_time": _duration("30s", 0.0, 3600.0),
     "heartbeat": _duration("15s", 0.5, 3600.0),
     "max_calls_per_account": _int("0", 0, 100_000),
+    "max_calls_per_address": _int("0", 0, 100_000),
     "auth_failure_limit": _int("10", 0, 1_000_000),
     "auth_failure_window": _duration("1m", 1.0, 86400.0),
     "trust_x_forwarded_for": _int("0", 0, 10),

@@ -13,6 +13,7 @@ any agent work, in this order:
   - the key's account has no points left (<= 0)        -> 402
   - the key names an agent the config no longer has    -> 503, Retry-After
   - the account holds ``max_calls_per_account`` calls  -> 429
+  - the address holds ``max_calls_per_address`` calls  -> 429
   - ``?provider=`` names no known provider             -> 400
 
 An admitted upgrade holds one call slot and one of its account's concurrent
@@ -67,11 +68,14 @@ class AbuseGuard:
     _log = Logger()
     MAX_TRACKED = 10000  # addresses remembered at most (a flood cannot grow memory)
 
-    def __init__(self, clock: Any, failure_limit: int, failure_window: float, max_calls_per_account: int) -> None:
+    def __init__(self, clock: Any, failure_limit: int, failure_window: float, max_calls_per_account: int,
+                 max_calls_per_address: int = 0) -> None:
         self.clock = clock
         self.failure_limit = failure_limit
         self.failure_window = failure_window
         self.max_calls_per_account = max_calls_per_account
+        self.max_calls_per_address = max_calls_per_address
+        self._addresses: collections.Counter = collections.Counter()
         self._failures: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()
         # address -> when its block was last logged, oldest first
         self._logged: "collections.OrderedDict[str, float]" = collections.OrderedDict()
@@ -130,6 +134,21 @@ class AbuseGuard:
         self._accounts[account] -= 1
         if self._accounts[account] <= 0:
             del self._accounts[account]
+
+    # --------------------------------------------------------- addresses
+    def address_full(self, host: str) -> bool:
+        return bool(self.max_calls_per_address) and self._addresses[host] >= self.max_calls_per_address
+
+    def address_add(self, host: str) -> None:
+        self._addresses[host] += 1
+
+    def address_remove(self, host: str) -> None:
+        self._addresses[host] -= 1
+        if self._addresses[host] <= 0:
+            del self._addresses[host]
+
+    def address_calls(self, host: str) -> int:
+        return self._addresses.get(host, 0)
 
     def account_calls(self, account: str) -> int:
         return self._accounts.get(account, 0)
@@ -243,6 +262,10 @@ class AdmissionPolicy:
             self._log.info("Upgrade refused: account {account} is at its limit of concurrent calls",
                            event="handshake.account_limit", account=info.account)
             return self.refuse(429)
+        if self.guard.address_full(host):
+            self._log.info("Upgrade refused: {host} is at its limit of concurrent calls",
+                           event="handshake.address_limit", host=host)
+            return self.refuse(429)
         choice = params.get("provider") or agents.agents[info.agent].config.provider
         if choice not in PROVIDERS and choice != "auto":
             self._log.info("Upgrade refused: unknown provider {provider!r}", event="handshake.bad_provider",
@@ -252,17 +275,19 @@ class AdmissionPolicy:
         if why is not None:
             self._log.warn("Upgrade refused: {why}", event="handshake.busy", why=why)
             return self.refuse(503)
-        return self._reserve(info, choice, params, peer)
+        return self._reserve(info, choice, params, peer, host)
 
-    def _reserve(self, info: Any, provider: str, params: Mapping[str, str], peer: str) -> Admission:
-        """Take a slot and one of the account's calls, both at once."""
+    def _reserve(self, info: Any, provider: str, params: Mapping[str, str], peer: str, host: str) -> Admission:
+        """Take a slot, one of the account's calls and one of the address's, all at once."""
         self.held += 1
         self.guard.account_add(info.account)
+        self.guard.address_add(host)
         account = info.account
 
         def release() -> None:
             self.held -= 1
             self.guard.account_remove(account)
+            self.guard.address_remove(host)
 
         return Admission(key_prefix=info.prefix, account=account, agent=info.agent, provider=provider,
                          params=dict(params), peer=peer, release=release)

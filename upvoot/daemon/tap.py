@@ -196,7 +196,7 @@ def build_service(config: Config, reactor: Any, **given: Any):
         pacer=have("pacer", lambda: playout.Pacer(reactor, on_lag=metrics.pacing_lateness.observe)),
         lag=have("lag", lambda: LagMonitor(reactor, on_lag=metrics.reactor_lag.observe)),
         guard=have("guard", lambda: AbuseGuard(reactor, config.auth_failure_limit, config.auth_failure_window,
-                                               config.max_calls_per_account)),
+                                               config.max_calls_per_account, config.max_calls_per_address)),
         agents=have("agents", lambda: AgentRegistry(config.agents, EngineContext(pool=pool, clock=reactor),
                                                     run_in_thread)),
         recordings=have("recordings", lambda: recordings.Recordings(

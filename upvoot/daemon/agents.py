@@ -3,7 +3,10 @@
 Engines are keyed by (kind, name, settings): two agents with the same
 whisper settings share one loaded model. Each agent's fixed lines (greeting,
 goodbye, closing lines, prompts) are synthesized once at start and kept, so
-a greeting's first frame leaves within milliseconds of the upgrade.
+a greeting's first frame leaves within milliseconds of the upgrade; so are
+the replies of a brain that knows them all beforehand (``IKnownReplies``:
+the scripted brain), sentence by sentence as the call speaks them, so such
+a reply's first audio leaves as soon as the caller's turn is understood.
 """
 
 from __future__ import annotations
@@ -16,7 +19,20 @@ from twisted.logger import Logger
 
 from upvoot.config import AgentConfig
 from upvoot.engines import get_factory
-from upvoot.engines.interfaces import EngineContext
+from upvoot.engines.interfaces import EngineContext, IKnownReplies
+from upvoot.engines.sentences import SentenceSplitter
+
+
+def known_sentences(brain: Any) -> list[str]:
+    """The sentences a call will speak of each reply the brain knows
+    beforehand, cut as the call cuts them (``SentenceSplitter``)."""
+    if not IKnownReplies.providedBy(brain):
+        return []
+    sentences = []
+    for text in brain.known_replies():
+        splitter = SentenceSplitter()
+        sentences += [*splitter.feed(text), *filter(None, [splitter.flush()])]
+    return [s for s in sentences if s.strip()]
 
 
 class PhraseCache:
@@ -73,9 +89,12 @@ class AgentRegistry:
             self.agents[cfg.name] = Agent(cfg, built["vad"], built["stt"], built["brain"], built["tts"], PhraseCache())
 
     async def warm_phrases(self) -> None:
-        """Synthesize every agent's fixed lines once (run on the reactor)."""
+        """Synthesize every agent's fixed lines, and the sentences of the
+        replies its brain knows beforehand, once (run on the reactor)."""
         for agent in self.agents.values():
-            for line in agent.config.fixed_lines():
+            for line in dict.fromkeys([*agent.config.fixed_lines(), *known_sentences(agent.brain)]):
+                if agent.phrases.get(line) is not None:
+                    continue
                 chunks = []
                 async for pcm in agent.tts.synthesize(line):
                     chunks.append(pcm)

@@ -137,6 +137,15 @@ class ILanguageModel(Interface):
         caller's. Cancelling the consuming coroutine aborts the request."""
 
 
+class IKnownReplies(Interface):
+    """A brain whose every reply text is known before any call (the scripted
+    brain): the daemon synthesizes them once at start, like the greeting, so
+    a reply's first audio byte leaves as soon as the turn is understood."""
+
+    def known_replies() -> Sequence[str]:
+        """Every text this brain may reply with."""
+
+
 class ITextToSpeech(Interface):
     """Shared by all calls; synthesis runs on the worker pool."""
 

@@ -27,6 +27,7 @@ from upvoot.engines.interfaces import (
     EngineContext,
     EngineOptionError,
     IEngineFactory,
+    IKnownReplies,
     ILanguageModel,
     ReplyEndCall,
     ReplyText,
@@ -67,7 +68,7 @@ def _compile(option: str, pattern: str) -> str:
     return regex
 
 
-@implementer(ILanguageModel)
+@implementer(ILanguageModel, IKnownReplies)
 class ScriptedBrain:
     def __init__(self, settings: ScriptedSettings) -> None:
         self.settings = settings
@@ -77,6 +78,9 @@ class ScriptedBrain:
             if rule.matches(text):
                 return rule.reply, rule.ends_call
         return self.settings.fallback, False
+
+    def known_replies(self) -> tuple[str, ...]:
+        return (*(rule.reply for rule in self.settings.rules), self.settings.fallback)
 
     async def reply(self, system_prompt: str, history: Sequence[Turn]) -> AsyncIterator[object]:
         last = next((t.text for t in reversed(history) if t.role == "caller"), "")

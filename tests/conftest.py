@@ -32,3 +32,14 @@ def no_logged_errors_or_leftover_timers():
         globalLogPublisher.removeObserver(observer)
     assert errors == []
     assert [c for c in reactor.getDelayedCalls() if c not in before] == []
+
+
+@pytest.fixture
+def logged():
+    """Every log event emitted during the test (twisted.logger's global publisher)."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -203,14 +203,6 @@ def world(tmp_path):
     return World(tmp_path)
 
 
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
 def refused(result, status: int) -> None:
     assert isinstance(result, Refusal), result
     assert (result.status, result.reason) == (status, REASONS[status])

@@ -14,7 +14,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -368,14 +368,6 @@ def ready(tmp_path):
     path = tmp_path / "upvoot.ini"
     path.write_text(INI_CALLS)
     return Ready(load_config(str(path)))
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_the_service_provides_ivoiceservice(ready):

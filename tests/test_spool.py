@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from upvoot.ledger import spool as spoolmod
 from upvoot.ledger import store, threads
@@ -28,14 +27,6 @@ def rec(call_id: str, points: int = 1, **kw) -> dict:
 @pytest.fixture
 def spool(tmp_path):
     return spoolmod.Spool(str(tmp_path / "spool.jsonl"))
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def lines(spool) -> list[dict]:

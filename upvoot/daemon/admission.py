@@ -51,6 +51,18 @@ REASONS = {
 PREFIX = "/voice/"
 
 
+def _full(counts: collections.Counter, key: str, limit: int) -> bool:
+    """``key`` holds its ``limit`` of concurrent calls (0: no limit)."""
+    return bool(limit) and counts[key] >= limit
+
+
+def _decrement(counts: collections.Counter, key: str) -> None:
+    """One call of ``key`` fewer; a key with none is forgotten (memory stays bounded)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
 class AbuseGuard:
     """Failed keys per source address, and concurrent calls per account.
 
@@ -123,35 +135,30 @@ class AbuseGuard:
         if self.failure_limit:
             self._recent(host).append(self.clock.seconds())
 
-    # --------------------------------------------------------- accounts
+    # ------------------------------------------- concurrent calls: accounts, addresses
     def account_full(self, account: str) -> bool:
-        return bool(self.max_calls_per_account) and self._accounts[account] >= self.max_calls_per_account
+        return _full(self._accounts, account, self.max_calls_per_account)
 
     def account_add(self, account: str) -> None:
         self._accounts[account] += 1
 
     def account_remove(self, account: str) -> None:
-        self._accounts[account] -= 1
-        if self._accounts[account] <= 0:
-            del self._accounts[account]
+        _decrement(self._accounts, account)
 
-    # --------------------------------------------------------- addresses
+    def account_calls(self, account: str) -> int:
+        return self._accounts.get(account, 0)
+
     def address_full(self, host: str) -> bool:
-        return bool(self.max_calls_per_address) and self._addresses[host] >= self.max_calls_per_address
+        return _full(self._addresses, host, self.max_calls_per_address)
 
     def address_add(self, host: str) -> None:
         self._addresses[host] += 1
 
     def address_remove(self, host: str) -> None:
-        self._addresses[host] -= 1
-        if self._addresses[host] <= 0:
-            del self._addresses[host]
+        _decrement(self._addresses, host)
 
     def address_calls(self, host: str) -> int:
         return self._addresses.get(host, 0)
-
-    def account_calls(self, account: str) -> int:
-        return self._accounts.get(account, 0)
 
 
 def peer_host(peer: str) -> str:

@@ -10,6 +10,8 @@ its worker has really left the model.
 
 from __future__ import annotations
 
+import collections
+
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -25,7 +27,7 @@ class Generation:
         self.stopped_early = False  # the stream was stopped before the model ended it (worker thread)
         self.tokens = 0  # content pieces generated (worker thread)
         self.trimmed = 0  # turns dropped to fit n_ctx (worker thread)
-        self.pieces: list[str] = []
+        self.pieces: collections.deque[str] = collections.deque()
         self.end_call: dict | None = None  # the end_call tool's arguments, if the model called it
         self.finished = False  # the model is released (generation over)
         self.done = defer.Deferred()  # fires (None) when finished; for tests and logs
@@ -36,7 +38,7 @@ class Generation:
     def next(self) -> defer.Deferred:
         """Fires with the next text piece, or None at the end."""
         if self.pieces:
-            return defer.succeed(self.pieces.pop(0))
+            return defer.succeed(self.pieces.popleft())
         if self.finished:
             if self.error is not None:
                 error, self.error = self.error, None
@@ -61,7 +63,7 @@ class Generation:
             return
         if self.pieces:
             d, self._waiter = self._waiter, None
-            d.callback(self.pieces.pop(0))
+            d.callback(self.pieces.popleft())
         elif self.finished:
             d, self._waiter = self._waiter, None
             if self.error is not None:

@@ -37,6 +37,10 @@ RULES: dict[str, tuple[str, ...]] = {
     ),
     "upvoot.ledger": ("upvoot.daemon", "upvoot.framing", "upvoot.dial", "autobahn"),
     "upvoot.dial": ("upvoot.daemon", "upvoot.call"),
+    "upvoot.console": (
+        "upvoot.daemon", "upvoot.framing", "upvoot.dial", "autobahn",
+        "upvoot.call.core", "upvoot.call.machine", "upvoot.call.handle", "upvoot.call.speaking",
+    ),
 }
 
 #: The daemon is the top of the tree: nothing outside it imports it, but for these.
@@ -54,7 +58,8 @@ DOC_NAMES = {
 #: The phrases by which a package docstring states its import rule.
 IMPORT_RULE = re.compile(r"\b(never|must not|may not)\b[^.]*\bimports?\b|nothing else may import", re.IGNORECASE | re.DOTALL)
 
-PACKAGES = ("upvoot.call", "upvoot.framing", "upvoot.engines", "upvoot.daemon", "upvoot.ledger", "upvoot.dial")
+PACKAGES = ("upvoot.call", "upvoot.framing", "upvoot.engines", "upvoot.daemon", "upvoot.ledger", "upvoot.dial",
+            "upvoot.console")
 
 MAX_LINES = 400
 

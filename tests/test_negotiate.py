@@ -155,7 +155,7 @@ def test_every_provider_can_be_configured(name):
 
 
 def test_the_provider_list_is_the_one_everybody_uses():
-    from upvoot import config
+    from upvoot import options as config
     from upvoot.dial import providers
 
     assert PROVIDERS == ("raw", "exotel", "twilio", "plivo", "telnyx", "vonage")

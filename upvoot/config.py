@@ -18,20 +18,16 @@ from __future__ import annotations
 import configparser
 import os
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
 import attrs
 
 from upvoot import engines
-from upvoot.engines.interfaces import EngineOptionError
-from upvoot.framing.negotiate import AUTO, PROVIDERS
+from upvoot.engines.interfaces import EngineOptionError, EngineUnavailable
+from upvoot.nodes import CLOSING_ALLOWANCE
+from upvoot.options import AGENT, MAIN, Option
 from upvoot.values import (
-    check_endpoint_port,
     control_character,
-    duration_in,
-    duration_range,
-    int_in,
-    one_line,
     parse_bool,
     parse_duration,
 )
@@ -48,69 +44,6 @@ class ConfigError(Exception):
             where += f" {option}"
         # one line even when the message quotes a library error or a value
         super().__init__(f"{where}: {' '.join(message.split())}")
-
-
-# ---- value parsers (the grammars are in upvoot.values, shared with the engines) ----
-
-#: Longest line an agent says (greeting, goodbye, prompts, closing lines).
-MAX_SPOKEN = 1000
-#: Longest system prompt.
-MAX_PROMPT = 100_000
-#: Most endpoints in ``listen``.
-MAX_LISTEN = 64
-
-
-@attrs.frozen
-class Option:
-    """One ini option: its parser, its default (as written in the ini) and,
-    for etc/upvoot.ini's "Range:" notes, the range the parser enforces."""
-
-    parse: Callable[[str], object]
-    default: str
-    range: str = ""
-
-
-def _int(default: str, lo: int, hi: int) -> Option:
-    return Option(lambda text: int_in(text, lo, hi), default, f"{lo}..{hi}")
-
-
-def _duration(default: str, lo: float, hi: float, zero_ok: bool = False) -> Option:
-    return Option(lambda text: duration_in(text, lo, hi, zero_ok), default, duration_range(lo, hi, zero_ok))
-
-
-def _text(default: str, max_length: int) -> Option:
-    # ini continuation lines keep their newlines; speech wants one line
-    return Option(lambda text: one_line(text, max_length), default, f"up to {max_length} characters")
-
-
-def _bool(default: str) -> Option:
-    return Option(parse_bool, default)
-
-
-_PROVIDERS = (AUTO, *PROVIDERS)
-
-
-def _provider(text: str) -> str:
-    value = text.strip().lower()
-    if value not in _PROVIDERS:
-        raise ValueError(f"expected one of {', '.join(_PROVIDERS)}, got {text.strip()!r}")
-    return value
-
-
-def _endpoint(text: str) -> str:
-    value = text.strip()
-    if value:
-        check_endpoint_port(value)
-    return value
-
-
-def _endpoints(text: str) -> tuple[str, ...]:
-    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(lines) > MAX_LISTEN:
-        raise ValueError(f"{len(lines)} endpoints (at most {MAX_LISTEN})")
-    for line in lines:
-        check_endpoint_port(line)
-    return lines
 
 
 # ---- the objects -----------------------------------------------------------------
@@ -143,6 +76,7 @@ class AgentConfig:
     closing_max_turns: str
     closing_silence: str
     closing_error: str
+    closing_no_points: str
     max_failures: int
     end_of_turn: float
     min_utterance: float
@@ -156,12 +90,17 @@ class AgentConfig:
     billing_increment: float
     engines: Mapping[str, EngineSpec]
     record: bool = False  # stereo WAV of the call (upvoot.ledger.recordings)
+    backchannels: tuple[str, ...] = ()  # listener words that do not interrupt the agent (upvoot.call.bargein)
+    turn: str = "silence"  # the turn policy, smart | silence (upvoot.call.turns)
+    turn_pause: float = 0.2  # smart: the silence after which the end-of-turn model is asked
+    turn_max_pause: float = 2.5  # smart: the silence that ends a turn the model calls unfinished
 
     def fixed_lines(self) -> tuple[str, ...]:
         """Lines the agent may say verbatim: synthesized once and cached."""
         lines = (
             self.greeting, self.goodbye, self.apology, self.silence_prompt, self.wrap_up_warning,
             self.closing_max_duration, self.closing_max_turns, self.closing_silence, self.closing_error,
+            self.closing_no_points,
         )
         return tuple(dict.fromkeys(line for line in lines if line))
 
@@ -204,75 +143,23 @@ class Config:
     agents: Mapping[str, AgentConfig]
     recordings_dir: str = "recordings"  # absolute once loaded
     recordings_keep: float = 30 * 86400.0  # 0 = keep forever
+    database_password_file: str = ""  # absolute once loaded; "" = none (libpq's environment, ~/.pgpass)
+    database_pool: int = 4  # PostgreSQL connections (and threads) per node; SQLite has one
+    node_id: str = "node"  # this process in the shared ledger (upvoot.nodes)
+    lease: float = 60.0  # an active call without a heartbeat this long is settled as a crash
+    reservation_horizon: float = 120.0  # how far ahead a running call holds points
+    console: bool = True  # the browser console on the admin listener (upvoot.console)
+    admin_token_file: str = ""  # absolute once loaded; "" = state_dir/admin_token, loopback admin listener only
+    console_key_ttl: float = 300.0  # how long a console test key may wait for its call
 
 
-# ---- the option tables (name -> Option(parser, default, range)) ---------------------
+# ---- the option tables live in upvoot.options --------------------------------------
 
-_MAIN: dict[str, Option] = {
-    "listen": Option(_endpoints, "tcp:8080:interface=127.0.0.1"),
-    "admin_listen": Option(_endpoint, "tcp:8081:interface=127.0.0.1"),  # /healthz, /metrics; "" = none
-    "state_dir": Option(str.strip, "."),
-    "database": Option(str.strip, "upvoot.sqlite3"),
-    "max_calls": _int("50", 1, 100_000),
-    "lag_budget": _duration("150ms", 0.005, 10.0),
-    "playout_lead": _duration("100ms", 0.02, 2.0),
-    "workers": _int("0", 0, 64),
-    "worker_queue": _int("8", 0, 1000),
-    "log_transcripts": _bool("no"),
-    "max_message_size": _int("1048576", 1024, 64 << 20),
-    "max_frame_size": _int("1048576", 1024, 64 << 20),
-    "open_handshake_timeout": _duration("10s", 0.1, 600.0),
-    "close_timeout": _duration("5s", 0.1, 600.0),
-    "auto_ping_interval": _duration("0", 1.0, 3600.0, zero_ok=True),
-    "auto_ping_timeout": _duration("10s", 1.0, 3600.0),
-    "max_connections": _int("0", 0, 1_000_000),
-    "start_timeout": _duration("10s", 1.0, 60.0),
-    "max_handshake_size": _int("8192", 1024, 65536),
-    "detect_timeout": _duration("150ms", 0.0, 10.0),
-    "drain_time": _duration("30s", 0.0, 3600.0),
-    "heartbeat": _duration("15s", 0.5, 3600.0),
-    "max_calls_per_account": _int("0", 0, 100_000),
-    "max_calls_per_address": _int("0", 0, 100_000),
-    "auth_failure_limit": _int("10", 0, 1_000_000),
-    "auth_failure_window": _duration("1m", 1.0, 86400.0),
-    "trust_x_forwarded_for": _int("0", 0, 10),
-    "recordings_dir": Option(str.strip, "recordings"),
-    "recordings_keep": _duration("30d", 3600.0, 36500 * 86400.0, zero_ok=True),
-}
+_MAIN = MAIN
+_AGENT = AGENT
 
 #: The [upvoot] options that make up ``Config.websocket``.
 _WEBSOCKET = tuple(attrs.fields_dict(WebSocketLimits))
-
-_AGENT: dict[str, Option] = {
-    "greeting": _text("Hello! How can I help you?", MAX_SPOKEN),
-    "system_prompt": _text("You are a helpful, concise phone agent.", MAX_PROMPT),
-    "goodbye": _text("Thank you for calling. Goodbye!", MAX_SPOKEN),
-    "apology": _text("Sorry, I had a problem there. Could you say that again?", MAX_SPOKEN),
-    "max_duration": _duration("30m", 10.0, 4 * 3600.0),
-    "max_turns": _int("20", 1, 10000),
-    "silence_timeout": _duration("10s", 1.0, 3600.0),
-    "silence_prompt": _text("Are you still there?", MAX_SPOKEN),
-    "silence_prompt_after": _duration("6s", 0.5, 3600.0, zero_ok=True),
-    "wrap_up_warning": _text("We are almost out of time for this call.", MAX_SPOKEN),
-    "wrap_up_before": _duration("1m", 1.0, 3600.0, zero_ok=True),
-    "closing_max_duration": _text("I'm sorry, we have reached the time limit for this call. Goodbye!", MAX_SPOKEN),
-    "closing_max_turns": _text("We have covered a lot. Thank you for calling, goodbye!", MAX_SPOKEN),
-    "closing_silence": _text("I haven't heard from you, so I'll end the call now. Goodbye!", MAX_SPOKEN),
-    "closing_error": _text("I'm sorry, I'm having technical problems. Please call again later. Goodbye!", MAX_SPOKEN),
-    "max_failures": _int("3", 1, 100),
-    "end_of_turn": _duration("600ms", 0.1, 5.0),
-    "min_utterance": _duration("250ms", 0.02, 5.0),
-    "max_utterance": _duration("20s", 1.0, 120.0),
-    "barge_in_min": _duration("300ms", 0.02, 5.0),
-    "interim_interval": _duration("400ms", 0.1, 10.0, zero_ok=True),
-    "provider": Option(_provider, "auto"),
-    "dtmf_interrupts": _bool("yes"),
-    "agent_select": _text("", 200),
-    # 10**9 points per increment, at most 4h of 1s increments: 1.44e13 a call, far inside SQLite's 64-bit INTEGER
-    "points_per_increment": _int("1", 0, 10**9),
-    "billing_increment": _duration("1m", 1.0, 3600.0),
-    "record": _bool("no"),
-}
 
 _ENGINE_DEFAULTS = {"vad": "energy", "stt": "whisper", "brain": "scripted", "tts": "piper"}
 
@@ -339,6 +226,15 @@ def _parse_agent(path: str, section: str, name: str, items: Mapping[str, str], b
         raise ConfigError(path, section, "silence_prompt_after", "must be shorter than silence_timeout")
     if values["min_utterance"] >= values["max_utterance"]:
         raise ConfigError(path, section, "min_utterance", "must be shorter than max_utterance")
+    if values["turn_pause"] >= values["turn_max_pause"]:
+        raise ConfigError(path, section, "turn_pause", "must be shorter than turn_max_pause")
+    if values["turn"] == "smart":  # before daemonizing: is the end-of-turn model installed?
+        from upvoot.engines import smartturn
+
+        try:
+            smartturn.model_path()
+        except EngineUnavailable as e:
+            raise ConfigError(path, section, "turn", f"turn = smart: {e}; or set turn = silence") from None
     return AgentConfig(name=name, engines=specs, **values)
 
 
@@ -367,7 +263,13 @@ def load_config(path: str) -> Config:
             raise ConfigError(path, "upvoot", key, "unknown option")
     ini_dir = os.path.dirname(path)
     state_dir = os.path.normpath(os.path.join(ini_dir, os.path.expanduser(main["state_dir"])))
-    database = os.path.normpath(os.path.join(state_dir, os.path.expanduser(main["database"])))
+    database, password_file = main.pop("database"), main.pop("database_password_file")
+    if not re.match(r"(?i)postgres(ql)?://", database):
+        if "://" in database:
+            raise ConfigError(path, "upvoot", "database", "expected a file path or a postgresql:// URL")
+        database = os.path.normpath(os.path.join(state_dir, os.path.expanduser(database)))
+    if password_file:
+        password_file = os.path.normpath(os.path.join(state_dir, os.path.expanduser(password_file)))
     if not main["listen"]:
         raise ConfigError(path, "upvoot", "listen", "at least one endpoint is required")
     agents: dict[str, AgentConfig] = {}
@@ -385,11 +287,17 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, None, None, "no [agent:NAME] section: define at least one agent")
     if main["detect_timeout"] >= main["start_timeout"]:
         raise ConfigError(path, "upvoot", "detect_timeout", "must be shorter than start_timeout")
+    if main["lease"] <= main["heartbeat"]:
+        raise ConfigError(path, "upvoot", "lease", "must be longer than heartbeat (a few heartbeats)")
+    if main["reservation_horizon"] < main["heartbeat"] + CLOSING_ALLOWANCE:
+        raise ConfigError(path, "upvoot", "reservation_horizon", f"must be at least heartbeat + {CLOSING_ALLOWANCE:g}s")
     ws = WebSocketLimits(**{name: main.pop(name) for name in _WEBSOCKET})
     main.pop("state_dir")
-    main.pop("database")
     main["recordings_dir"] = os.path.normpath(os.path.join(state_dir, os.path.expanduser(main["recordings_dir"])))
-    return Config(path=path, state_dir=state_dir, database=database, websocket=ws, agents=agents, **main)
+    if main["admin_token_file"]:
+        main["admin_token_file"] = os.path.normpath(os.path.join(state_dir, os.path.expanduser(main["admin_token_file"])))
+    return Config(path=path, state_dir=state_dir, database=database, database_password_file=password_file,
+                  websocket=ws, agents=agents, **main)
 
 
 __all__ = [

@@ -105,6 +105,17 @@ def float_in(text: str, lo: float, hi: float) -> float:
     return value
 
 
+def parse_phrases(text: str) -> tuple[str, ...]:
+    """A comma-separated list of short phrases (1..4 words each, lower-cased); empty: none."""
+    phrases = tuple(p for p in (" ".join(part.lower().split()) for part in text.split(",")) if p)
+    if len(text) > 2000 or len(phrases) > 100:
+        raise ValueError("at most 100 phrases and 2000 characters")
+    for p in phrases:
+        if len(p.split()) > 4 or not any(c.isalnum() for c in p):
+            raise ValueError(f"{quoted(p)} is not a phrase of one to four words")
+    return phrases
+
+
 def control_character(text: str) -> str | None:
     """The first control character in ``text`` (tab and newline allowed), as U+XXXX."""
     m = _CONTROL.search(text)

@@ -3,6 +3,7 @@ unhandled error nor one that leaves a timer on the reactor."""
 
 import pytest
 
+from tests.pg import any_database, pg_admin, pg_database, pg_url  # noqa: F401 (fixtures: a real PostgreSQL)
 from upvoot._env import set_offline_environment
 
 set_offline_environment()

@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from upvoot.ledger import store
+from upvoot.ledger import schema, store
 from upvoot.ledger.store import CallRecord, CallStart, KeyInfo, StoreError, UnknownAccount
 
 T0 = 1_700_000_000.0
@@ -39,12 +39,19 @@ def no_logged_failures():
 
 @pytest.fixture
 def path(tmp_path):
+    """An SQLite file: for what only SQLite has (files, PRAGMAs, its locks)."""
     return str(tmp_path / "upvoot.sqlite3")
 
 
 @pytest.fixture
-def db(path):
-    conn = store.connect(path)
+def database(any_database):
+    """Each test taking it runs on SQLite and on PostgreSQL (tests/pg.py)."""
+    return any_database
+
+
+@pytest.fixture
+def db(database):
+    conn = store.connect(database)
     yield conn
     conn.close()
 
@@ -125,17 +132,27 @@ def test_connect_errors_are_one_line_and_name_the_file(tmp_path, problem):
 # -- keys ------------------------------------------------------------------
 
 
-def test_create_key_returns_key_once_and_stores_only_its_hash(path):
-    conn = store.connect(path)
+def _everything_stored(conn) -> bytes:
+    """Every value of every row of the ledger tables, as text."""
+    out = []
+    for table in schema.TABLES + ("schema_version",):
+        out += [repr(row) for row in tx(conn, lambda txn: txn.execute(f"SELECT * FROM {table}").fetchall())]
+    return "\n".join(out).encode()
+
+
+def test_create_key_returns_key_once_and_stores_only_its_hash(database):
+    conn = store.connect(database)
     key, prefix = new_key(conn)
     other, other_prefix = new_key(conn)
     listed = tx(conn, store.list_keys)
+    contents = _everything_stored(conn)
     conn.close()
+    if not store.is_postgresql(database):  # and the files (journal, WAL) too
+        contents += b"".join(open(f, "rb").read() for f in glob.glob(database + "*"))
 
     assert store.is_well_formed_key(key) and key.startswith("uvk_") and len(key) == 36
     assert prefix == key[:12] and other != key and other_prefix != prefix
-    assert all(set(k) == {"prefix", "account", "agent", "created_at", "revoked_at"} for k in listed)
-    contents = b"".join(open(f, "rb").read() for f in glob.glob(path + "*"))
+    assert all({"prefix", "account", "agent", "created_at", "revoked_at"} <= set(k) for k in listed)
     assert key.encode() not in contents
     assert key[12:].encode() not in contents
     assert hashlib.sha256(key.encode()).hexdigest().encode() in contents
@@ -252,17 +269,17 @@ def test_call_lifecycle_settles_once(db):
 
 def test_settle_without_open_inserts_and_charges(db):
     _, prefix = new_key(db, points=5)
-    assert tx(db, store.settle_call, record(prefix=prefix, points=12)) == 12
+    assert tx(db, store.settle_call, record(prefix=prefix, points=12)) == 5  # never below 0: what the balance held
     assert tx(db, store.settle_call, record(prefix=prefix, points=12)) == 0
-    assert balance(db) == -7  # a call is charged in full
+    assert balance(db) == 0
     call = tx(db, store.get_call, "call-1")
-    assert call["state"] == "settled" and call["heartbeat_at"] == T0 + 42.5
+    assert call["state"] == "settled" and call["heartbeat_at"] == T0 + 42.5 and call["points_charged"] == 5
 
 
 def test_failed_settle_changes_nothing(db):
     _, prefix = new_key(db, points=5)
     tx(db, store.open_call, start(prefix=prefix))
-    with pytest.raises(sqlite3.IntegrityError):  # unknown key: foreign key
+    with pytest.raises(store.INTEGRITY_ERRORS):  # unknown key: foreign key
         tx(db, store.settle_call, record(prefix="uvk_unknownx"))
     assert tx(db, store.get_call, "call-1")["state"] == "active"
     assert balance(db) == 5
@@ -310,9 +327,10 @@ def test_settle_orphans(db):
     assert balance(db) == 94
 
 
-def test_concurrent_settles_from_two_connections_charge_once(path):
-    """The CLI and the daemon are separate connections (or processes)."""
-    conn = store.connect(path)
+def test_concurrent_settles_from_two_connections_charge_once(database):
+    """The CLI and the daemon are separate connections (or processes; on
+    PostgreSQL, nodes)."""
+    conn = store.connect(database)
     _, prefix = new_key(conn, points=100)
     tx(conn, store.open_call, start(prefix=prefix))
     conn.close()
@@ -322,7 +340,7 @@ def test_concurrent_settles_from_two_connections_charge_once(path):
         results = []
 
         def settle():
-            c = store.connect(path)
+            c = store.connect(database)
             try:
                 barrier.wait()
                 results.append(store.transact(c, store.settle_call, rec))
@@ -335,7 +353,7 @@ def test_concurrent_settles_from_two_connections_charge_once(path):
         for t in threads:
             t.join()
         assert sorted(results) == [0, 1]
-    conn = store.connect(path)
+    conn = store.connect(database)
     assert balance(conn) == 80
     conn.close()
 
@@ -344,13 +362,13 @@ def test_concurrent_settles_from_two_connections_charge_once(path):
 
 
 @pytest.fixture
-def running_store(path):
-    conn = store.connect(path)
+def running_store(database):
+    conn = store.connect(database)
     key, prefix = new_key(conn, points=50)
     revoked, revoked_prefix = new_key(conn)
     tx(conn, store.revoke_key, revoked_prefix, T0)
     conn.close()
-    s = store.Store(path)
+    s = store.Store(database)
     s.start()
     yield s, key, prefix, revoked
     s.close()
@@ -383,7 +401,7 @@ def test_store_call_path_and_concurrent_settles(running_store):
 def test_store_reports_transaction_errors(running_store):
     s, _, prefix, _ = running_store
     yield s.open_call(start(prefix=prefix))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.INTEGRITY_ERRORS):
         yield s.open_call(start(prefix=prefix))  # the same call_id twice
     with pytest.raises(UnknownAccount):
         yield s.run(store.add_points, "ghost", 1)
@@ -521,3 +539,92 @@ def test_the_daemon_keeps_serving_while_another_process_holds_the_database_locke
         assert d.cli("points", "show", "locked") == str(100 - record["points_charged"])
     finally:
         d.stop()
+
+
+# -- PostgreSQL's own ------------------------------------------------------
+
+
+def test_placeholders_become_psycopg_ones_outside_quotes_only():
+    from upvoot.ledger.backends import to_pyformat
+
+    sql = "SELECT '?', \"a?\", ? FROM t WHERE x LIKE '50%' AND y = ? AND z = 'it''s ?'"
+    assert to_pyformat(sql) == "SELECT '?', \"a?\", %s FROM t WHERE x LIKE '50%%' AND y = %s AND z = 'it''s ?'"
+
+
+def test_a_literal_percent_and_question_mark_reach_postgresql_as_written(pg_url):
+    conn = store.connect(pg_url)
+    try:
+        got = tx(conn, lambda txn: txn.execute("SELECT '50%', '?', ?, ? || '%'", ("a", "b")).fetchone())
+        assert got == ("50%", "?", "a", "b%")
+        assert tx(conn, lambda txn: txn.execute("SELECT SUM(x) FROM (VALUES (1), (2)) AS t (x)").fetchone()) == (3,)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://upvoot:s3cret@db.example:5432/ledger?sslmode=require",
+     "postgresql://upvoot:***@db.example:5432/ledger?sslmode=require"),
+    ("postgresql://upvoot@db.example/ledger?password=s3cret&sslmode=require",
+     "postgresql://upvoot@db.example/ledger?password=***&sslmode=require"),
+    ("postgres://db.example/ledger", "postgres://db.example/ledger"),
+    ("/var/lib/upvoot/upvoot.sqlite3", "/var/lib/upvoot/upvoot.sqlite3"),
+])
+def test_a_database_is_named_without_its_password(url, shown):
+    assert store.redact(url) == shown
+    assert "s3cret" not in store.Store(url).name
+
+
+@pytest.mark.parametrize("where", ["user part", "parameter"])
+def test_an_unreachable_server_is_a_one_line_error_without_the_password(where):
+    from tests.daemon import free_port
+
+    port = free_port()  # nothing listens there
+    url = (f"postgresql://upvoot:s3cret-pw@127.0.0.1:{port}/ledger" if where == "user part"
+           else f"postgresql://upvoot@127.0.0.1:{port}/ledger?password=s3cret-pw")
+    s = store.Store(url)
+    with pytest.raises(StoreError, match=rf"cannot connect to database postgresql://upvoot.*127\.0\.0\.1:{port}") as e:
+        s.start()
+    assert "s3cret-pw" not in str(e.value) and "\n" not in str(e.value)
+    s.close()
+
+
+def test_the_password_comes_from_the_password_file(pg_url, tmp_path):
+    secret = tmp_path / "db-password"
+    secret.write_text("pa%ss word?\n")  # the first line, as it is
+    conn = store.connect(pg_url, str(secret))
+    try:
+        assert conn.info.password == "pa%ss word?"
+    finally:
+        conn.close()
+    with pytest.raises(StoreError, match="cannot read the database password file .*missing: No such file"):
+        store.connect(pg_url, str(tmp_path / "missing"))
+
+
+def test_without_a_password_file_libpq_finds_the_password(pg_url, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "from-the-environment")
+    conn = store.connect(pg_url)
+    try:
+        assert conn.info.password == "from-the-environment"
+    finally:
+        conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_pool_reconnects_after_the_server_dropped_its_connections(pg_url, pg_admin):
+    """A server restart (here: every session of the database terminated)
+    costs no transaction and logs no failure: the transaction that finds its
+    connection dead runs again on a new one."""
+    conn = store.connect(pg_url)
+    _, prefix = new_key(conn, points=10)
+    conn.close()
+    s = store.Store(pg_url, pool_size=2)
+    s.start()
+    try:
+        for round_ in range(3):
+            results = yield defer.gatherResults([s.run(store.add_points, "acme", 1) for _ in range(4)])
+            assert len(results) == 4
+            pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert (yield s.run(store.get_account, "acme"))["points"] == 10 + 12
+    finally:
+        s.close()

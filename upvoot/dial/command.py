@@ -255,14 +255,14 @@ async def _print_record(reactor: Any, config_path: str, result: DialResult, prin
     from upvoot.config import load_config
 
     try:
-        database = load_config(config_path).database
+        config = load_config(config_path)
     except Exception as e:
         printer.error(f"cannot read the call record: {e}")
         return
     deadline = time.monotonic() + RECORD_WAIT
     while True:
         try:
-            conn = store.connect(database)
+            conn = store.connect(config.database, config.database_password_file)
             try:
                 calls = store.transact(conn, store.list_calls, None, 20)
             finally:

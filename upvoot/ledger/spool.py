@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
@@ -45,7 +44,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from upvoot.ledger import store as storemod
+from upvoot.ledger import backends, store as storemod
 from upvoot.ledger.threads import Pending, RunInThread
 
 KIND_OPEN = "open"
@@ -278,16 +277,15 @@ def apply_line(txn: Any, data: Mapping[str, Any]) -> Any:
 
 
 # errors that mean "the database is not there right now": stop, retry later
-UNAVAILABLE = (sqlite3.OperationalError, storemod.StoreError)
+UNAVAILABLE = (*backends.UNAVAILABLE_ERRORS, storemod.StoreError)
 # errors that mean "this line can never apply": bad data, not a bad moment
 # (OverflowError: a number too large for an SQLite INTEGER; TypeError and
 # ValueError: a line that is no opening or record; IntegrityError: a
 # constraint it breaks). Everything else is retried.
-PERMANENT = (OverflowError, TypeError, ValueError, KeyError, sqlite3.IntegrityError, sqlite3.DataError,
-             sqlite3.ProgrammingError, sqlite3.InterfaceError)
+PERMANENT = (OverflowError, TypeError, ValueError, KeyError, *backends.PERMANENT_ERRORS)
 
 
-def settle_spooled(spool: Spool, database: str) -> Replay:
+def settle_spooled(spool: Spool, database: str, password_file: str = "") -> Replay:
     """Replay ``spool`` into the database at ``database`` on a connection of
     its own (blocking: at start, or in a thread)."""
     if not os.path.exists(spool.path):
@@ -297,7 +295,7 @@ def settle_spooled(spool: Spool, database: str) -> Replay:
     def apply(data: dict) -> Any:
         nonlocal conn
         if conn is None:
-            conn = storemod.connect(database)
+            conn = storemod.connect(database, password_file)
         return storemod.transact(conn, apply_line, data)
 
     try:

@@ -9,10 +9,11 @@ a free loopback port.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import json
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -36,6 +37,7 @@ from upvoot.call.playout import Playback
 from upvoot.call.outcome import CallOutcome, EndReason
 from upvoot.daemon.seams import Admission
 from upvoot.framing.base import CallStarted
+from upvoot.ledger import store
 from upvoot.ledger.store import StoreError
 from upvoot.ledger.threads import synchronous
 from upvoot.daemon.tap import Options, build_service
@@ -56,7 +58,8 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.mode = "ok"
-        self.conn = sqlite3.connect(":memory:")
+        # a real, empty ledger (the schema the daemon's transactions need)
+        self.conn = store.connect(os.path.join(tempfile.mkdtemp(prefix="upvoot-admin-"), "upvoot.sqlite3"))
         self.settled: list = []
 
     def run(self, fn, *args, **kw) -> defer.Deferred:
@@ -165,7 +168,7 @@ def test_healthz_names_a_failing_database(service):
     service.store.mode = "error"
     code, _, body = Admin(service).get("/healthz")
     assert code == 503
-    assert json.loads(body)["not_ready"] == {"database": "error"}
+    assert json.loads(body)["not_ready"] == {"database": "unreachable"}
 
 
 def test_healthz_times_out_a_database_that_does_not_answer(service):
@@ -256,8 +259,10 @@ def test_call_metrics_follow_the_service_hooks(service):
     assert value(m, "upvoot_calls_total", end_reason="hangup", provider="raw") == 0
 
     latencies = [
-        {"endpointing": 0.6, "transcription": 0.2, "first_token": 0.01, "first_audio": 0.15, "voice_to_voice": 0.96},
-        {"endpointing": 0.6, "transcription": 0.3, "first_token": 0.02, "first_audio": 0.2, "voice_to_voice": 1.12},
+        {"end_of_turn": 0.2, "turn_model": 0.4, "transcription": 0.2, "brain_first_token": 0.01, "first_audio": 0.15,
+         "voice_to_voice": 0.96},
+        {"end_of_turn": 0.2, "turn_model": 0.4, "transcription": 0.3, "brain_first_token": 0.02, "first_audio": 0.2,
+         "voice_to_voice": 1.12},
     ]
     call.on_ended(outcome(call.call_id, latencies=tuple(latencies), engine_failures=1))  # 2 points
     m = admin.metrics()

@@ -1,4 +1,4 @@
-"""The abuse limits, on a task.Clock."""
+"""The abuse limits, on a task.Clock; the admission policy over a real SQLite ledger."""
 
 from twisted.internet.task import Clock
 
@@ -46,20 +46,6 @@ def test_no_limit_when_zero_and_memory_is_bounded():
     for i in range(1000):
         g.failed(f"10.0.{i // 256}.{i % 256}")
     assert len(g._failures) <= 100
-
-
-def test_concurrent_calls_per_account():
-    g = AbuseGuard(Clock(), 0, 1.0, max_calls_per_account=2)
-    assert not g.account_full("a")
-    g.account_add("a")
-    g.account_add("a")
-    assert g.account_full("a") and not g.account_full("b")
-    g.account_remove("a")
-    assert not g.account_full("a")
-    unlimited = AbuseGuard(Clock(), 0, 1.0, max_calls_per_account=0)
-    for _ in range(100):
-        unlimited.account_add("a")
-    assert not unlimited.account_full("a")
 
 
 def test_peer_host():
@@ -111,6 +97,8 @@ def test_a_pruned_address_is_logged_again_a_window_later():
 
 # ---- the admission policy ------------------------------------------------------------
 
+import sqlite3  # noqa: E402
+
 import pytest  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -121,6 +109,7 @@ from upvoot.config import load_config  # noqa: E402
 from upvoot.daemon.admission import REASONS, AdmissionPolicy  # noqa: E402
 from upvoot.daemon.metrics import Metrics  # noqa: E402
 from upvoot.daemon.seams import Admission, Refusal  # noqa: E402
+from upvoot.ledger import reserve, store  # noqa: E402
 from upvoot.ledger.store import KeyInfo, StoreError  # noqa: E402
 from upvoot.testing import agent_config, make_agent  # noqa: E402
 
@@ -142,9 +131,13 @@ auth_failure_limit = 2
 
 
 class Keys:
-    """``authenticate`` as the store answers it; ``hold`` keeps lookups pending."""
+    """The store: ``authenticate`` answers from ``keys`` (``hold`` keeps lookups
+    pending); ``run`` runs the real transaction functions, synchronously, on
+    an SQLite ledger holding those keys' accounts (``open_error``: it fails)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path) -> None:
+        self.conn = store.connect(str(path))
+        self.open_error: Exception | None = None
         self.keys = {
             KEY: KeyInfo("uvk_AbCdEfGh", "acme", "demo", False, 10),
             POOR: KeyInfo("uvk_PoOrPoOr", "poor", "demo", False, 0),
@@ -171,6 +164,24 @@ class Keys:
         for d, info in pending:
             d.callback(info)
 
+    def ledger(self) -> None:
+        for key, info in self.keys.items():
+            self.conn.execute("INSERT INTO accounts (name, points, created_at) VALUES (?, ?, 0)"
+                              " ON CONFLICT DO NOTHING", (info.account, info.points))
+            self.conn.execute("INSERT INTO api_keys (prefix, key_hash, account, agent, created_at)"
+                              " VALUES (?, ?, ?, ?, 0)", (info.prefix, store.hash_key(key), info.account, info.agent))
+        self.conn.commit()
+
+    def run(self, fn, *args, **kw) -> defer.Deferred:
+        if self.open_error is not None:
+            return defer.fail(self.open_error)
+        return defer.maybeDeferred(store.transact, self.conn, fn, *args, **kw)
+
+    def active(self, account: str) -> int:
+        """Active calls of ``account`` in the ledger."""
+        return self.conn.execute("SELECT COUNT(*) FROM calls WHERE account = ? AND state = 'active'",
+                                 (account,)).fetchone()[0]
+
 
 class World:
     def __init__(self, tmp_path) -> None:
@@ -180,7 +191,8 @@ class World:
         self.clock = Clock()
         self.lifecycle = SimpleNamespace(ready=True, draining=False, agents=SimpleNamespace(
             agents={"demo": make_agent(agent_config(name="demo", provider="auto"))}))
-        self.keys = Keys()
+        self.keys = Keys(tmp_path / "ledger.sqlite3")
+        self.keys.ledger()
         self.guard = AbuseGuard(self.clock, self.config.auth_failure_limit, self.config.auth_failure_window,
                                 self.config.max_calls_per_account)
         self.pool = SimpleNamespace(full=False, saturated=lambda: self.pool.full)
@@ -200,7 +212,9 @@ class World:
 
 @pytest.fixture
 def world(tmp_path):
-    return World(tmp_path)
+    w = World(tmp_path)
+    yield w
+    w.keys.conn.close()
 
 
 def refused(result, status: int) -> None:
@@ -280,11 +294,11 @@ def test_an_admission_holds_a_slot_and_the_accounts_count_until_released(world):
     assert isinstance(a, Admission)
     assert (a.key_prefix, a.account, a.agent, a.provider, a.peer) == ("uvk_AbCdEfGh", "acme", "demo", "twilio", PEER)
     assert a.params == {"provider": "twilio", "extra": "x"}
-    assert world.policy.held == 1 and world.guard.account_calls("acme") == 1
+    assert world.policy.held == 1 and world.keys.active("acme") == 1
     a.release()
-    assert world.policy.held == 0 and world.guard.account_calls("acme") == 0
+    assert world.policy.held == 0 and world.keys.active("acme") == 0
     a.release()  # idempotent
-    assert world.policy.held == 0 and world.guard.account_calls("acme") == 0
+    assert world.policy.held == 0 and world.keys.active("acme") == 0
     assert world.policy.refusals == {}
 
 
@@ -292,10 +306,11 @@ def test_a_call_that_took_the_admission_over_gives_it_back_at_its_end(world):
     a = world.admit()
     end = a.take_over()
     a.release()  # the adapter's release after the call started does nothing
-    assert world.policy.held == 1 and world.guard.account_calls("acme") == 1
+    assert world.policy.held == 1 and world.keys.active("acme") == 1
     end()
     end()
-    assert world.policy.held == 0 and world.guard.account_calls("acme") == 0
+    assert world.policy.held == 0
+    assert world.keys.active("acme") == 1, "the call's row is settled with its record, not forgotten"
     with pytest.raises(ValueError):
         a.take_over()
 
@@ -360,7 +375,7 @@ def test_402_when_the_account_has_no_points(world, logged):
     refused(world.admit(POOR), 402)
     [line] = [e for e in logged if e.get("event") == "auth.no_points"]
     assert "uvk_PoOrPoOr" in formatEvent(line) and "poor" in formatEvent(line)
-    assert world.policy.held == 0 and world.guard.account_calls("poor") == 0
+    assert world.policy.held == 0 and world.keys.active("poor") == 0
 
 
 def test_503_when_the_key_names_an_agent_not_configured(world):
@@ -443,3 +458,52 @@ def test_429_when_the_address_holds_its_limit_of_calls(world, logged):
     a.release()  # idempotent: one count back, not two
     assert world.guard.address_calls("203.0.113.9") == 0
     assert isinstance(world.admit(), Admission)
+
+
+# ---- the opening in the ledger: points held, cluster-wide counts, outages ------------------------
+
+
+def test_an_admitted_call_is_active_in_the_ledger_on_this_node_holding_its_horizon(world):
+    a = world.admit()
+    call = store.transact(world.keys.conn, store.get_call, a.call_id)
+    assert (call["state"], call["node"], call["metadata"]) == ("active", world.config.node_id, {"peer": PEER})
+    # reservation_horizon 2m at 1 point a minute
+    assert a.held == 2 and store.transact(world.keys.conn, reserve.account_balance, "acme") == (10, 2)
+    assert world.policy.opened == {a.call_id: a}
+    a.release()  # never began: forgotten, its points given back
+    assert store.transact(world.keys.conn, store.get_call, a.call_id) is None
+    assert store.transact(world.keys.conn, reserve.account_balance, "acme") == (10, 0)
+    assert world.policy.opened == {}
+
+
+def test_402_when_running_calls_hold_the_points(world, logged):
+    world.guard.max_calls_per_account = 0
+    world.keys.conn.execute("UPDATE accounts SET points = 2 WHERE name = 'acme'")
+    world.keys.conn.commit()
+    a = world.admit()
+    assert isinstance(a, Admission) and a.held == 2
+    refused(world.admit(), 402)
+    assert world.policy.held == 1 and world.keys.active("acme") == 1
+    assert [e["account"] for e in logged if e.get("event") == "auth.no_points"] == ["acme"]
+    a.release()
+    assert isinstance(world.admit(), Admission)
+
+
+def test_max_calls_per_account_counts_the_calls_of_other_nodes(world):
+    other = store.CallStart(call_id="elsewhere", key_prefix="uvk_AbCdEfGh", account="acme", agent="demo",
+                            provider="raw", started_at=0.0, node="another-node")
+    store.transact(world.keys.conn, reserve.open_reserved, other, 2, 1)
+    refused(world.admit(), 429)
+    assert world.policy.held == 0 and world.keys.active("acme") == 1
+
+
+def test_503_while_the_ledger_cannot_open_calls_and_recovery_at_its_next_answer(world, logged):
+    world.keys.open_error = sqlite3.OperationalError("unable to open database file")
+    refused(world.admit(), 503)
+    refused(world.admit(), 503)
+    assert world.policy.database.problem == "unreachable" and world.policy.held == 0
+    world.keys.open_error = None
+    assert isinstance(world.admit(), Admission)
+    assert world.policy.database.problem is None
+    events = [e.get("event") for e in logged]
+    assert events.count("store.unreachable") == 1 and events.count("store.reachable") == 1

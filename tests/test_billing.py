@@ -91,7 +91,7 @@ def test_an_outcome_becomes_its_record_with_its_points():
         barge_ins_resumed=1, points_charged=9,
         transcript=[{"role": "agent", "text": "Hello", "t": 0.1}, {"role": "caller", "text": "Hi", "t": 2.0}],
         metadata={"peer": "tcp4:1.2.3.4:5", "recording": "r/c.wav", "engine_failures": 1,
-                  "latencies": [{"voice_to_voice": 0.8, "first_audio": 0.3}]},
+                  "latencies": [{"voice_to_voice": 0.8, "first_audio": 0.3}], "timeline": []},
     )
     assert type(record.end_reason) is str
 

@@ -133,6 +133,8 @@ def calls(capsys, ini, database):
     acme = create_key(capsys, ini)[0].strip()[:12]
     zeta = create_key(capsys, ini, account="zeta")[0].strip()[:12]
     conn = store.connect(database)
+    for account in ("acme", "zeta"):  # a charge never takes a balance below zero
+        store.transact(conn, store.add_points, account, 10)
     for i, (account, prefix) in enumerate([("acme", acme), ("zeta", zeta), ("acme", acme)]):
         store.transact(
             conn,

@@ -224,9 +224,6 @@ class FlakyStore:
             return defer.fail(sqlite3.OperationalError("database is locked"))
         return defer.maybeDeferred(_read, self.path, fn, arg)
 
-    def open_call(self, start):
-        return self._run(store.open_call, start)
-
     def settle_call(self, record):
         return self._run(store.settle_call, record)
 
@@ -270,12 +267,13 @@ def test_a_failed_settlement_is_spooled_and_applied_on_the_timer(tmp_path, logge
 
 def test_a_call_whose_opening_was_spooled_is_settled_as_a_crash_after_a_restart(tmp_path, logged):
     """Issue 9 item 3: the database was locked when the call started and the
-    process died during the call: the next start still settles it, once."""
+    process died during the call: the next start still settles it, once.
+    (Openings are no longer spooled, they are the admission's transaction;
+    an older UpVoot's spooled opening still applies.)"""
     db, prefix = _db(tmp_path)
     ledger, spool, _ = _ledger(tmp_path, db, Clock())
-    assert ledger.open_call(_start(prefix)).result is False, "spooled"
+    spool.append(spoolmod.start_to_json(_start(prefix)))
     assert [(r["kind"], r["call_id"]) for r in spool.records()] == [("open", "c2")]
-    assert any(e.get("event") == "store.open_spooled" for e in logged)
     assert _read(db, store.get_call, "c2") is None
     # the process dies; the next start replays the spool, then settles what was left open
     replay = spoolmod.settle_spooled(spoolmod.Spool(spool.path), db)
@@ -294,9 +292,9 @@ def test_a_call_settled_while_its_opening_is_spooled_is_charged_once(tmp_path, o
     record = _record(prefix, call_id="c2")
     if order == "record first":
         ledger.settle_call(record)  # both spooled, the record before the opening (two threads raced)
-        ledger.open_call(_start(prefix))
+        spool.append(spoolmod.start_to_json(_start(prefix)))  # an older UpVoot's spooled opening
     else:
-        ledger.open_call(_start(prefix))
+        spool.append(spoolmod.start_to_json(_start(prefix)))
         ledger.store.down = False
         assert ledger.settle_call(record).result == 2, "settled at once, the opening still in the spool"
     replay = spoolmod.settle_spooled(spool, db)
@@ -405,33 +403,41 @@ def test_a_call_that_ends_while_the_database_is_locked_is_spooled_then_settled_o
     assert d2.cli("points", "show", "spool") == str(10 - record["points_charged"])
 
 
-@pytest_twisted.inlineCallbacks
-def test_an_opening_refused_by_a_locked_database_is_spooled_by_the_real_store(tmp_path, monkeypatch):
-    """Issue 9 item 3 with the daemon's own Store: the database is locked
-    when the call starts; the process dies before the lock goes; the next
-    start settles the call (as a crash), once."""
-    from twisted.internet import reactor
+# ---- on PostgreSQL ----------------------------------------------------------------------------
 
-    db, prefix = _db(tmp_path)
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
-    s = store.Store(db, reactor)
-    s.start()
-    spool = spoolmod.Spool(str(tmp_path / "spool.jsonl"))
-    spooler = spoolmod.Spooler(spool, lambda: spoolmod.settle_spooled(spool, db), reactor,
-                               threads.reactor_threads(reactor))
-    ledger = Ledger(s, spooler)
-    locker = sqlite3.connect(db, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    try:
-        assert (yield ledger.open_call(_start(prefix))) is False
-        yield ledger.stop()
-        assert [(r["kind"], r["call_id"]) for r in spool.records()] == [("open", "c2")]
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-        s.close()
-    replay = spoolmod.settle_spooled(spoolmod.Spool(spool.path), db)  # the next start, in this order:
-    orphans = _read(db, store.settle_orphans, 2000.0, "crash", lambda r: 5)
-    assert [r["call_id"] for r, _ in replay.applied] == ["c2"]
-    assert ("c2", "crash") in [(r.call_id, r.end_reason) for r in orphans]
-    assert _read(db, store.get_call, "c2")["state"] == "settled"
+
+def _pg_db(url):
+    conn = store.connect(url)
+    _, prefix = store.transact(conn, store.create_key, "acme", "demo", 1000.0)
+    store.transact(conn, store.add_points, "acme", 10)
+    store.transact(conn, store.open_call, store.CallStart("c1", prefix, "acme", "demo", "raw", 1000.0))
+    conn.close()
+    return prefix
+
+
+def test_settle_spooled_on_postgresql_waits_out_an_unreachable_server_then_charges_once(spool, pg_url):
+    from tests.daemon import free_port
+
+    prefix = _pg_db(pg_url)
+    line = spoolmod.record_to_json(_record(prefix))
+    spool.append(line)
+    gone = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"  # nothing listens there
+    result = spoolmod.settle_spooled(spool, gone)
+    assert result.applied == [] and result.rejected == [] and result.remaining == 1
+    assert "cannot connect to database" in str(result.failed[0][1])
+    assert [charged for _, charged in spoolmod.settle_spooled(spool, pg_url).applied] == [2]
+    spool.append(line)  # applied, but the process died before the line was removed
+    assert [charged for _, charged in spoolmod.settle_spooled(spool, pg_url).applied] == [0]
+    assert _read(pg_url, store.get_account, "acme")["points"] == 8
+    assert _read(pg_url, store.get_call, "c1")["state"] == "settled"
+
+
+def test_a_line_postgresql_refuses_for_good_is_moved_aside(spool, pg_url, tmp_path):
+    prefix = _pg_db(pg_url)
+    spool.append(spoolmod.record_to_json(_record("uvk_nosuchkey", call_id="c9")))  # a foreign key it breaks
+    spool.append(spoolmod.record_to_json(_record(prefix)))
+    result = spoolmod.settle_spooled(spool, pg_url)
+    assert [r["call_id"] for r, _ in result.applied] == ["c1"]
+    assert [r["call_id"] for r, _ in result.rejected] == ["c9"]
+    assert isinstance(result.rejected[0][1], store.INTEGRITY_ERRORS)
+    assert [json.loads(line)["call_id"] for line in open(tmp_path / "spool.rejected")] == ["c9"]

@@ -39,6 +39,10 @@ class ICallHandle(Interface):
     def shutdown() -> None:
         """The daemon is stopping: the agent says goodbye, then the call ends."""
 
+    def out_of_points() -> None:
+        """The account cannot pay for more of the call: the agent says its
+        ``closing_no_points`` line, then the call ends (``no_points``)."""
+
     def hangup() -> None:
         """The line is gone (the socket closed): the call ends now, nothing more is sent."""
 
@@ -101,6 +105,9 @@ class CallHandle:
 
     def shutdown(self) -> None:
         self.post(CallInputs.shutdown)
+
+    def out_of_points(self) -> None:
+        self.post(CallInputs.out_of_points)
 
     def hangup(self) -> None:
         self.post(CallInputs.hangup)

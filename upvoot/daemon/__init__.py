@@ -2,7 +2,9 @@
 
 Owns: ``twistd upvoot`` (``tap``, the one place where the reactor is taken
 and every collaborator is built), the service's lifecycle and drain
-(``service``), who may call (``admission``: keys, abuse limits, load), the
+(``service``), who may call (``admission``: keys, abuse limits, load, the
+call's opening in the ledger), the heartbeats that keep running calls paid
+for and the sweeper that settles the calls of dead nodes (``sweeper``), the
 WebSocket socket (``ws``), the agents and their loaded engines (``agents``),
 the worker pool (``workers``), the admin listener (``web``) and the metrics
 (``metrics``).

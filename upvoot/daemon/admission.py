@@ -12,13 +12,21 @@ any agent work, in this order:
   - missing, unknown or revoked key                    -> 401
   - the key's account has no points left (<= 0)        -> 402
   - the key names an agent the config no longer has    -> 503, Retry-After
-  - the account holds ``max_calls_per_account`` calls  -> 429
   - the address holds ``max_calls_per_address`` calls  -> 429
   - ``?provider=`` names no known provider             -> 400
+  - the call's opening in the ledger, one transaction (``reserve.open_reserved``):
+      the account's available points do not pay for
+      one billing increment                            -> 402
+      the account holds ``max_calls_per_account``
+      active calls on all nodes                        -> 429
+      the database cannot be reached                   -> 503, Retry-After
 
-An admitted upgrade holds one call slot and one of its account's concurrent
-calls from that moment (``Admission.release`` gives both back), so upgrades
-that race each other see each other. The key never appears in a log line or
+So a call is in the ledger, 'active' on this node and holding its points,
+before its upgrade is answered: a call the ledger cannot bill is never
+admitted. An admitted upgrade holds one call slot and one of its address's
+concurrent calls from that moment (``Admission.release`` gives both back,
+and forgets the opened call if it never began), so upgrades that race each
+other see each other. The key never appears in a log line or
 an exception text: only its 12-character prefix (``uvk_XXXXXXXX``), and only
 once it is known valid.
 
@@ -31,12 +39,17 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Protocol
 
+import time
+import uuid
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from upvoot.config import Config
 from upvoot.daemon.seams import Admission, Refusal
 from upvoot.framing.negotiate import PROVIDERS
+from upvoot.ledger import reserve
+from upvoot.ledger.records import AccountBusy, CallStart, NoPoints
 
 REASONS = {
     400: "Unknown provider",
@@ -64,14 +77,15 @@ def _decrement(counts: collections.Counter, key: str) -> None:
 
 
 class AbuseGuard:
-    """Failed keys per source address, and concurrent calls per account.
+    """Failed keys per source address, and concurrent calls per address.
 
     - After ``failure_limit`` 401s from one address within
       ``failure_window``, further upgrades from that address are refused at
       once with 429 (no database lookup: cheap to refuse), and this is
       logged once per window, not once per attempt.
-    - An account may hold at most ``max_calls_per_account`` calls at once
-      (0 = no limit); over it, 429.
+    - An address may hold at most ``max_calls_per_address`` calls at once
+      (0 = no limit); over it, 429. (``max_calls_per_account`` is counted
+      in the ledger, across nodes: the guard only holds the limit.)
 
     Memory is bounded: at most ``MAX_TRACKED`` addresses are remembered,
     for failures and for the once-per-window log alike.
@@ -91,7 +105,6 @@ class AbuseGuard:
         self._failures: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()
         # address -> when its block was last logged, oldest first
         self._logged: "collections.OrderedDict[str, float]" = collections.OrderedDict()
-        self._accounts: collections.Counter = collections.Counter()
 
     # ------------------------------------------------------- failed keys
     def _recent(self, host: str) -> collections.deque:
@@ -135,19 +148,7 @@ class AbuseGuard:
         if self.failure_limit:
             self._recent(host).append(self.clock.seconds())
 
-    # ------------------------------------------- concurrent calls: accounts, addresses
-    def account_full(self, account: str) -> bool:
-        return _full(self._accounts, account, self.max_calls_per_account)
-
-    def account_add(self, account: str) -> None:
-        self._accounts[account] += 1
-
-    def account_remove(self, account: str) -> None:
-        _decrement(self._accounts, account)
-
-    def account_calls(self, account: str) -> int:
-        return self._accounts.get(account, 0)
-
+    # ------------------------------------------- concurrent calls of an address
     def address_full(self, host: str) -> bool:
         return _full(self._addresses, host, self.max_calls_per_address)
 
@@ -189,9 +190,10 @@ class AdmissionPolicy:
     retry_after = 5  # seconds, in every 503's Retry-After
 
     def __init__(self, config: Config, lifecycle: Lifecycle, store: Any, guard: AbuseGuard, pool: Any, lag: Any,
-                 metrics: Any) -> None:
-        """``store``: has ``authenticate(key) -> Deferred[KeyInfo | None]``;
-        ``pool``: has ``saturated()``; ``lag``: has ``average`` (seconds)."""
+                 metrics: Any, wall: Any = time.time) -> None:
+        """``store``: has ``authenticate(key) -> Deferred[KeyInfo | None]``
+        and ``run`` (a transaction function); ``pool``: has ``saturated()``;
+        ``lag``: has ``average`` (seconds); ``wall``: the wall clock of call rows."""
         self.config = config
         self.lifecycle = lifecycle
         self.store = store
@@ -199,8 +201,11 @@ class AdmissionPolicy:
         self.pool = pool
         self.lag = lag
         self.metrics = metrics
+        self.wall = wall
         self.held = 0
         self.refusals: dict[int, int] = {}
+        self.database = DatabaseState()
+        self.opened: dict[str, Admission] = {}  # call id -> admitted, its call not begun yet
 
     def busy(self) -> str | None:
         """Why a new call must be refused now (a 503), or None."""
@@ -249,6 +254,7 @@ class AdmissionPolicy:
                 # the message, never a traceback: no frame may quote the key
                 self._log.error("Key lookup failed: {error}", event="auth.error",
                                 error=f"{type(e).__name__}: {e}".replace(key, "<key>"))
+                self.database.failed(Exception(f"{type(e).__name__}: {e}".replace(key, "<key>")))
                 return self.refuse(503)
         if info is None or info.revoked:
             self.guard.failed(host)
@@ -265,10 +271,6 @@ class AdmissionPolicy:
             self._log.error("Key {prefix} names agent {agent!r}, which is not configured",
                             event="auth.unknown_agent", prefix=info.prefix, agent=info.agent)
             return self.refuse(503)
-        if self.guard.account_full(info.account):
-            self._log.info("Upgrade refused: account {account} is at its limit of concurrent calls",
-                           event="handshake.account_limit", account=info.account)
-            return self.refuse(429)
         if self.guard.address_full(host):
             self._log.info("Upgrade refused: {host} is at its limit of concurrent calls",
                            event="handshake.address_limit", host=host)
@@ -282,19 +284,95 @@ class AdmissionPolicy:
         if why is not None:
             self._log.warn("Upgrade refused: {why}", event="handshake.busy", why=why)
             return self.refuse(503)
-        return self._reserve(info, choice, params, peer, host)
+        return await self._open(info, choice, params, peer, host)
+
+    async def _open(self, info: Any, provider: str, params: Mapping[str, str], peer: str,
+                    host: str) -> Admission | Refusal:
+        """Take a slot and one of the address's calls at once, then open the
+        call in the ledger (holding its points); give them back if it cannot."""
+        admission = self._reserve(info, provider, params, peer, host)
+        cfg = self.lifecycle.agents.agents[info.agent].config
+        start = CallStart(call_id=admission.call_id, key_prefix=info.prefix, account=info.account, agent=info.agent,
+                          provider=provider, started_at=self.wall(), node=self.config.node_id,
+                          metadata={"peer": peer, **({"console": True} if admission.kind == "console" else {})})
+        want = reserve.hold_for(self.config.reservation_horizon, cfg.billing_increment, cfg.points_per_increment)
+        try:
+            admission.held = await self.store.run(reserve.open_reserved, start, want, cfg.points_per_increment,
+                                                  self.guard.max_calls_per_account)
+        except NoPoints:
+            admission.release()
+            self._log.info("Upgrade refused: account {account} has no points available (key {prefix})",
+                           event="auth.no_points", account=info.account, prefix=info.prefix)
+            return self.refuse(402)
+        except AccountBusy:
+            admission.release()
+            self._log.info("Upgrade refused: account {account} is at its limit of concurrent calls",
+                           event="handshake.account_limit", account=info.account)
+            return self.refuse(429)
+        except Exception as e:
+            admission.release()
+            self.database.failed(e)
+            self._log.error("Could not open the call in the ledger: {error}", event="handshake.open_failed",
+                            error=f"{type(e).__name__}: {e}")
+            return self.refuse(503)
+        self.database.ok()
+        self.opened[admission.call_id] = admission
+        if admission.released:  # given back while its opening was written: forget it
+            self._forget(admission.call_id)
+        elif self.lifecycle.draining:
+            admission.release()
+            return self.refuse(503)
+        return admission
+
+    def _forget(self, call_id: str) -> None:
+        """The call opened at admission never began: delete its row and give its points back."""
+        self.opened.pop(call_id, None)
+        d = self.store.run(reserve.cancel_call, call_id)
+        # a row left behind (database gone) beats no more: a sweeper settles it, 0 points, after the lease
+        d.addErrback(lambda f: self._log.warn("Could not forget call {call_id}, which never began: {error}",
+                                              event="handshake.cancel_failed", call_id=call_id,
+                                              error=f.getErrorMessage()))
+
+    def begun(self, call_id: str) -> None:
+        """The service took the admission of ``call_id`` over: it beats for it now."""
+        self.opened.pop(call_id, None)
 
     def _reserve(self, info: Any, provider: str, params: Mapping[str, str], peer: str, host: str) -> Admission:
-        """Take a slot, one of the account's calls and one of the address's, all at once."""
+        """Take a slot and one of the address's calls, both at once."""
         self.held += 1
-        self.guard.account_add(info.account)
         self.guard.address_add(host)
         account = info.account
+        admission: Admission
 
         def release() -> None:
             self.held -= 1
-            self.guard.account_remove(account)
             self.guard.address_remove(host)
+            if not admission.taken and admission.call_id in self.opened:
+                self._forget(admission.call_id)
 
-        return Admission(key_prefix=info.prefix, account=account, agent=info.agent, provider=provider,
-                         params=dict(params), peer=peer, release=release)
+        admission = Admission(key_prefix=info.prefix, account=account, agent=info.agent, provider=provider,
+                              params=dict(params), peer=peer, release=release, kind=getattr(info, "kind", "api"),
+                              call_id=uuid.uuid4().hex)
+        return admission
+
+
+class DatabaseState:
+    """Whether the ledger answers, as the last transaction found it: a node
+    that cannot reach it refuses new calls (503, the failing transaction)
+    and says so in ``/healthz``; the next transaction that succeeds clears it."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+
+    def failed(self, error: BaseException) -> None:
+        if self.problem is None:
+            self._log.error("Database unreachable ({error}): new calls get 503 until it answers again",
+                            event="store.unreachable", error=f"{type(error).__name__}: {error}")
+        self.problem = "unreachable"
+
+    def ok(self) -> None:
+        if self.problem is not None:
+            self.problem = None
+            self._log.info("Database reachable again: admitting calls", event="store.reachable")

@@ -40,6 +40,9 @@ class Admission:
     _release: Callable[[], None] = attrs.field(repr=False)
     released: bool = False  # the slot and the account's count are given back
     taken: bool = False  # a running call holds them now (``take_over``)
+    call_id: str = ""  # the call's id; its row is 'active' in the ledger from the admission on
+    held: int = 0  # the points the call holds of its account (upvoot.ledger.reserve)
+    kind: str = "api"  # the key's kind: "console" for the console's single-use test keys
 
     def release(self) -> None:
         """Give the slot and the account's count back, unless a call took
@@ -99,4 +102,10 @@ class IVoiceService(Interface):
     def note_refusal(status: int) -> None:
         """Count a refusal the adapter decided itself (408: the client left
         during the handshake). ``admit`` counts its own."""
+
+    def live_calls() -> list:
+        """The running calls, oldest first, one dict each: ``call_id``,
+        ``agent``, ``account``, ``provider``, ``state``, ``started_at``,
+        ``duration``, ``turns``, ``key_prefix`` (never a key), ``console``
+        (a console test call). What the console's live view shows."""
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -34,6 +33,7 @@ from upvoot.call.outcome import CallOutcome
 from upvoot.config import Config
 from upvoot.daemon.admission import AbuseGuard, AdmissionPolicy
 from upvoot.daemon.lag import LagMonitor
+from upvoot.daemon.sweeper import CallKeeper, Sweeper
 from upvoot.daemon.seams import Admission, IVoiceService
 from upvoot.ledger import settlement
 from upvoot.ledger import spool as spoolmod
@@ -58,6 +58,9 @@ class _Call:
     provider: str
     metadata: dict
     recorder: Any = None
+    started_at: float = 0.0  # wall time
+    held: int = 0  # the points it holds of its account (upvoot.ledger.reserve)
+    out_of_points: bool = False  # told so: its closing line is playing
 
 
 @implementer(IVoiceService)
@@ -96,7 +99,10 @@ class UpVootService(service.MultiService):
         self._shutting_down = False
         self.calls: dict[str, _Call] = {}
         self.calls_total = 0
-        self.admission = AdmissionPolicy(config, self, store, guard, pool, lag, metrics)
+        self.admission = AdmissionPolicy(config, self, store, guard, pool, lag, metrics, wall=wall)
+        self.keeper = CallKeeper(config, store, self.admission.database)  # heartbeats, reservations
+        self.sweeper = Sweeper(config, clock, store, self.admission.database, wall,
+                               on_settled=lambda record: metrics.points(record.points_charged))
         self._settling = Pending()
         self._listeners: list[tuple[str, Any, Any]] = []
         self._heartbeat = LoopingCall(self._beat)
@@ -156,12 +162,14 @@ class UpVootService(service.MultiService):
         self.pool.start()
         self.lag.start()
         # spooled records first: a call settled late must not be settled as a crash
-        self.spooler.report(spoolmod.settle_spooled(self.spool, self.config.database))
+        self.spooler.report(spoolmod.settle_spooled(self.spool, self.config.database,
+                                                    self.config.database_password_file))
         self.settle_orphans()
         self.spooler.start(now=False)
         if any(agent.record for agent in self.config.agents.values()) or os.path.isdir(self.config.recordings_dir):
             self.recordings.start()
         self._heartbeat.start(self.config.heartbeat, now=False)
+        self.sweeper.start()  # the calls of dead nodes, after their lease
         self.process.on_sighup(self.reload_tls)
         d = self.registry.prepare()
         d.addCallbacks(self._ready, self._start_failed)
@@ -179,13 +187,15 @@ class UpVootService(service.MultiService):
         self.process.fail(f"Could not load the engines: {f.type.__name__}: {f.getErrorMessage()}")
 
     def settle_orphans(self, now: float | None = None) -> list[storemod.CallRecord]:
-        """Settle the calls a dead process left active (end reason ``crash``,
-        charged to their last heartbeat). Synchronous: run at start, before
-        any call can be open."""
-        conn = storemod.connect(self.config.database)
+        """Settle the calls this node (``node_id``) left active when it died
+        (end reason ``crash``, charged to their last heartbeat); never a
+        call of another node, which may be running. Synchronous: run at
+        start, before any call can be open."""
+        conn = storemod.connect(self.config.database, self.config.database_password_file)
         try:
             orphans = storemod.transact(conn, storemod.settle_orphans, self._wall() if now is None else now,
-                                        "crash", lambda record: settlement.crash_charge(record, self.config.agents))
+                                        "crash", lambda record: settlement.crash_charge(record, self.config.agents),
+                                        node=self.config.node_id)
         finally:
             conn.close()
         for record in orphans:
@@ -195,15 +205,13 @@ class UpVootService(service.MultiService):
         return orphans
 
     def _beat(self) -> None:
+        """Every heartbeat: each call's row beats and its hold of points is
+        extended (``CallKeeper``); admitted connections not begun yet beat too."""
         now = self._wall()
-        for call_id in list(self.calls):
-            self._heartbeat_one(call_id, now)
-
-    def _heartbeat_one(self, call_id: str, now: float) -> defer.Deferred:
-        d = self.store.heartbeat(call_id, now)
-        d.addErrback(lambda f: self._log.failure("Heartbeat failed", f, event="store.heartbeat_failed",
-                                                 call_id=call_id))
-        return d
+        for call_id, call in list(self.calls.items()):
+            self.keeper.beat(call_id, call, now)
+        for call_id in list(self.admission.opened):
+            self.keeper.beat_admitted(call_id, now)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -239,6 +247,7 @@ class UpVootService(service.MultiService):
         self.lag.stop()
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self.sweeper.stop()
         self.pool.stop()
         self.store.close()
         if self.admin is not None and self.admin.running:
@@ -264,6 +273,20 @@ class UpVootService(service.MultiService):
 
     def note_refusal(self, status: int) -> None:
         self.admission.note_refusal(status)
+
+    def live_calls(self) -> list[dict]:
+        """The running calls, oldest first, as the console shows them: never
+        a key, only its prefix."""
+        now = self._wall()
+        out = []
+        for call_id, call in self.calls.items():
+            report = getattr(call.handle, "report", None)
+            out.append({"call_id": call_id, "agent": call.agent.config.name, "account": call.admission.account,
+                        "provider": call.provider, "state": str(getattr(call.handle, "state", "")),
+                        "started_at": call.started_at, "duration": round(max(0.0, now - call.started_at), 1),
+                        "turns": getattr(report, "turns", 0), "key_prefix": call.admission.key_prefix,
+                        "console": call.admission.kind == "console"})
+        return sorted(out, key=lambda c: c["started_at"])
 
     @property
     def refusals(self) -> dict[int, int]:
@@ -309,14 +332,17 @@ class UpVootService(service.MultiService):
                agent: Any) -> Any:
         if admission.released:
             return None  # the connection closed while the agent was chosen
-        call_id = uuid.uuid4().hex
+        call_id = admission.call_id  # its row was opened at admission
         recorder = self.recordings.recorder(call_id) if agent.config.record else None
         metadata = {"peer": admission.peer,
                     **{k: v for k, v in attrs.asdict(started).items() if v not in (None, {}, "")}}
         if recorder is not None:
             metadata["recording"] = recorder.relpath  # relative to state_dir; written after the call
+        if admission.kind == "console":
+            metadata["console"] = True  # a test call from the console (upvoot.console)
         call = _Call(handle=None, admission=admission, release=admission.take_over(), disconnect=disconnect,
-                     agent=agent, provider=started.provider, metadata=metadata, recorder=recorder)
+                     agent=agent, provider=started.provider, metadata=metadata, recorder=recorder,
+                     started_at=self._wall())
         try:
             call.handle = self._new_call(
                 agent, line, self.clock, self.pacer, lambda outcome: self._ended(call, outcome), call_id=call_id,
@@ -327,7 +353,7 @@ class UpVootService(service.MultiService):
         self.calls[call_id] = call
         self.calls_total += 1
         self.metrics.call_started(call.provider)
-        self._open_record(call_id, call)
+        self.admission.begun(call_id)  # the service beats for it from now on
         self._log.info("Call started: key {prefix}, account {account}, agent {agent}, provider {provider}, from {peer}",
                        event="call.started", call_id=call_id, prefix=admission.key_prefix,
                        account=admission.account, agent=agent.config.name, provider=call.provider,
@@ -339,22 +365,16 @@ class UpVootService(service.MultiService):
                               call_id=call_id)
             call.handle.hangup()
             return None
+        self._open_record(call_id, call)
         if self._shutting_down:
             call.handle.shutdown()
         return call.handle
 
     def _open_record(self, call_id: str, call: _Call) -> None:
-        """The call as 'active', then at once a heartbeat: a process killed
-        before the first beat of the loop still charges what the call held."""
-        start = storemod.CallStart(
-            call_id=call_id, key_prefix=call.admission.key_prefix, account=call.admission.account,
-            agent=call.agent.config.name, provider=call.provider, started_at=self._wall(),
-            metadata=call.metadata,
-        )
-        # never fails: an opening the database cannot take now is spooled (the ledger logs it)
-        d = self.ledger.open_call(start)
-        d.addCallback(lambda recorded: self._heartbeat_one(call_id, self._wall())
-                      if recorded and call_id in self.calls else None)
+        """The call's row (opened at admission) takes its start, and at once
+        a heartbeat that tops its hold up for the agent that answers."""
+        call.held = call.admission.held
+        self.keeper.beat(call_id, call, self._wall(), begin=True)
 
     def _ended(self, call: _Call, outcome: CallOutcome) -> None:
         self.calls.pop(outcome.call_id, None)

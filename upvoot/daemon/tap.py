@@ -74,6 +74,12 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"{self.config.path}: [upvoot] admin_listen: bad endpoint "
                                        f"{self.config.admin_listen!r}: {e}") from None
+            from upvoot.console.auth import ConsoleSetupError, check_console
+
+            try:  # no console a stranger can reach with a token nobody chose to keep
+                check_console(self.config)
+            except ConsoleSetupError as e:
+                raise usage.UsageError(str(e)) from None
         try:  # before daemonizing: a directory of foreign files is refused, never purged
             check_directory(self.config.recordings_dir, self.config.state_dir,
                             f"{self.config.path}: [upvoot] recordings_dir")
@@ -183,9 +189,11 @@ def build_service(config: Config, reactor: Any, **given: Any):
         calls_active=lambda: len(svc.calls), worker_queue=lambda: svc.pool.queued,
         delayed_calls=lambda: len(reactor.getDelayedCalls()), process=True))
     spool = have("spool", lambda: spoolmod.Spool(os.path.join(config.state_dir, "spool.jsonl")))
-    store = have("store", lambda: storemod.Store(config.database, reactor))
+    store = have("store", lambda: storemod.Store(config.database, reactor, config.database_password_file,
+                                                 config.database_pool))
     spooler = have("spooler", lambda: spoolmod.Spooler(
-        spool, lambda: spoolmod.settle_spooled(spool, config.database), reactor, run_in_thread,
+        spool, lambda: spoolmod.settle_spooled(spool, config.database, config.database_password_file), reactor,
+        run_in_thread,
         on_applied=lambda record, charged: metrics.points(charged)))
     svc = UpVootService(
         config, reactor,
@@ -230,8 +238,19 @@ def makeService(options: Options, reactor: Any = None):
     if options.config.admin_listen:
         from upvoot.daemon.web import admin_site
 
+        console = None
+        if options.config.console:
+            from upvoot.console.auth import ConsoleSetupError
+            from upvoot.console.resources import console_resource
+            from upvoot.daemon.service import StartFailed
+            from upvoot.ledger.threads import reactor_threads
+
+            try:  # the token file is read (or made) now, before the reactor runs
+                console = console_resource(service, options.endpoints, reactor_threads(reactor))
+            except ConsoleSetupError as e:
+                raise StartFailed(str(e)) from None
         public = len(options.endpoints)
         # Factory.numPorts counts the ports listening with this factory
         service.add_admin_listener(options.config.admin_listen,
-                                   admin_site(service, listening=lambda: factory.numPorts >= public))
+                                   admin_site(service, listening=lambda: factory.numPorts >= public, console=console))
     return service

@@ -6,11 +6,16 @@ GET /healthz
     200 ``ok`` (text/plain) when the public listeners are listening, the
     database answers a trivial query and the agents are ready. Otherwise
     503 with a short JSON object naming what is not ready, e.g.
-    ``{"status": "unavailable", "not_ready": {"agents": "starting"}}``.
+    ``{"status": "unavailable", "not_ready": {"agents": "starting"}}`` or
+    ``{"database": "unreachable"}`` (then new calls get 503 too, until the
+    database answers again: the pool reconnects by itself).
     The listener stays open while the daemon drains, so a load balancer
     sees ``{"service": "draining"}`` until the last call has ended.
 GET /metrics
     The service's Prometheus registry in the text exposition format.
+/console/
+    The browser console (``upvoot.console``), when ``[upvoot] console``
+    is on: its own resource tree, behind the operator token.
 
 Both are small resources over the service and testable in memory
 (``treq.testing.StubTreq``); nothing here uses the global reactor or the
@@ -63,7 +68,7 @@ class HealthResource(Resource):
         d.addTimeout(self.timeout, self.clock)
 
         def db_failed(f: Any) -> None:
-            problems["database"] = "timed out" if f.check(defer.TimeoutError) else "error"
+            problems["database"] = "timed out" if f.check(defer.TimeoutError) else "unreachable"
             if not f.check(defer.TimeoutError, defer.CancelledError) and not self.service.draining:
                 self._log.warn("Health check: database query failed: {error}", event="health.database_failed",
                                error=f.getErrorMessage())
@@ -102,12 +107,15 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
-def admin_resource(service: Any, listening: Callable[[], bool]) -> Resource:
+def admin_resource(service: Any, listening: Callable[[], bool], console: Resource | None = None) -> Resource:
     """The admin tree: ``/healthz`` and ``/metrics`` over ``service``
-    (an ``UpVootService``, or anything with the same attributes)."""
+    (an ``UpVootService``, or anything with the same attributes), and
+    ``console`` (``upvoot.console.resources.console_resource``) at ``/console``."""
     root = Resource()
     root.putChild(b"healthz", HealthResource(service, listening))
     root.putChild(b"metrics", MetricsResource(service.metrics.registry))
+    if console is not None:
+        root.putChild(b"console", console)
     return root
 
 
@@ -118,5 +126,5 @@ class AdminSite(Site):
         pass
 
 
-def admin_site(service: Any, listening: Callable[[], bool]) -> AdminSite:
-    return AdminSite(admin_resource(service, listening))
+def admin_site(service: Any, listening: Callable[[], bool], console: Resource | None = None) -> AdminSite:
+    return AdminSite(admin_resource(service, listening, console))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from typing import Any, Sequence
 
 from upvoot.ledger.records import KeyInfo, StoreError, UnknownAccount
@@ -104,12 +105,14 @@ def account_agents(txn: Any, account: str) -> set[str]:
     return {row[0] for row in txn.fetchall()}
 
 
-def lookup_key(txn: Any, key: str) -> KeyInfo | None:
-    """What ``key`` grants, or None for an unknown or malformed key."""
+def lookup_key(txn: Any, key: str, now: float | None = None) -> KeyInfo | None:
+    """What ``key`` grants, or None for an unknown or malformed key. A
+    console key is claimed here (``console_keys.claim_console_key``, at
+    ``now``, default the wall clock): None when it is used or expired."""
     if not is_well_formed_key(key):
         return None
     txn.execute(
-        "SELECT k.prefix, k.account, k.agent, k.revoked_at, a.points"
+        "SELECT k.prefix, k.account, k.agent, k.revoked_at, a.points, k.kind"
         " FROM api_keys AS k JOIN accounts AS a ON a.name = k.account"
         " WHERE k.key_hash = ?",
         (hash_key(key),),
@@ -117,8 +120,14 @@ def lookup_key(txn: Any, key: str) -> KeyInfo | None:
     row = txn.fetchone()
     if row is None:
         return None
-    prefix, account, agent, revoked_at, points = row
-    return KeyInfo(prefix=prefix, account=account, agent=agent, revoked=revoked_at is not None, points=points)
+    prefix, account, agent, revoked_at, points, kind = row
+    if kind == "console":
+        from upvoot.ledger.console_keys import claim_console_key  # it imports this module
+
+        if not claim_console_key(txn, prefix, time.time() if now is None else now):
+            return None
+    return KeyInfo(prefix=prefix, account=account, agent=agent, revoked=revoked_at is not None, points=points,
+                   kind=kind)
 
 
 # -- accounts and points ---------------------------------------------------

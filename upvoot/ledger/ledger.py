@@ -1,15 +1,18 @@
-"""The daemon's durable writes: every admitted call opened, and settled exactly once.
+"""The daemon's durable writes: every call settled exactly once.
 
-A call's opening (``store.CallStart``) and its settlement (``store.CallRecord``)
-go to the database; when it cannot take them for now (locked past its busy
-timeout, the disk is full), they go to the spool, fsynced, and reach the
-database when it returns (``upvoot.ledger.spool``). So a call whose opening
-failed is still known if the process dies: the spooled opening is applied at
-the next start, before the calls left open are settled as crashes.
+A call's opening is no durable write of this module: it is the admission's
+transaction (``upvoot.ledger.reserve.open_reserved``, before the caller's
+upgrade is answered), and a database that cannot take it means no call
+(503). A call's settlement (``store.CallRecord``) goes to the database; when
+it cannot take it for now (locked past its busy timeout, PostgreSQL
+restarting, the network to it down, the disk full), the record goes to the
+spool, fsynced, and reaches the database when it returns
+(``upvoot.ledger.spool``), applied once.
 
-Exactly once, whatever fails: settlement is idempotent by call id, and a
-spooled opening applies only to a call not recorded yet, so a call settled
-while its opening waited in the spool is neither reopened nor charged twice.
+Exactly once, whatever fails: settlement is idempotent by call id, so a
+record applied twice (a crash between applying and removing its spool line),
+or a call a sweeper settled as a crash meanwhile, is charged once. Spooled
+openings of an older UpVoot still apply (``store.open_call_once``).
 
 A write the database refuses for good (bad data: ``spool.PERMANENT``) is not
 retried: it goes to ``spool.rejected`` with a critical log line.
@@ -39,21 +42,6 @@ class Ledger:
         self.store = store
         self.spooler = spooler
         self._pending = Pending()
-
-    def open_call(self, start: storemod.CallStart) -> defer.Deferred:
-        """Record the call as active, or spool its opening. Deferred[bool]:
-        True when the database has it now (heartbeats will find it)."""
-        d = self.store.open_call(start)
-
-        def failed(f: Any) -> Any:
-            line = spoolmod.start_to_json(start)
-            if f.check(*spoolmod.PERMANENT):
-                return self._reject(line, f)
-            self._log.warn("Could not record the start of call {call_id} ({error}); spooling it",
-                           event="store.open_spooling", call_id=start.call_id, error=f.getErrorMessage())
-            return self._spool(line, "store.open_spooled", "store.open_lost")
-
-        return self._pending.track(d.addCallbacks(lambda _: True, failed))
 
     def settle_call(self, record: storemod.CallRecord) -> defer.Deferred:
         """Settle the call, or spool its record. Deferred[int | None]: the

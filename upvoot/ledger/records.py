@@ -19,22 +19,39 @@ class UnknownAccount(StoreError):
     pass
 
 
+class CallRefused(Exception):
+    """A call the ledger will not open (its transaction rolled back): the
+    database answered, the account cannot have this call now."""
+
+
+class NoPoints(CallRefused):
+    """The account's available points do not pay for one billing increment."""
+
+
+class AccountBusy(CallRefused):
+    """The account holds ``max_calls_per_account`` active calls (all nodes)."""
+
+
 # -- values ----------------------------------------------------------------
 
 
 @attrs.frozen
 class KeyInfo:
-    """What an API key grants; ``revoked`` keys and ``points <= 0`` are refused by the daemon."""
+    """What an API key grants; ``revoked`` keys and ``points <= 0`` are refused by the daemon.
+    ``points`` is the balance; what running calls hold of it is not subtracted."""
 
     prefix: str
     account: str
     agent: str
     revoked: bool
     points: int
+    kind: str = "api"  # "console": a single-use test key the console minted (upvoot.ledger.console_keys)
 
 
 @attrs.frozen
 class CallStart:
+    """A call's opening: the row 'active', on ``node`` (the node id that runs it)."""
+
     call_id: str
     key_prefix: str
     account: str
@@ -42,6 +59,7 @@ class CallStart:
     provider: str
     started_at: float
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    node: str = ""
 
 
 def _not_negative(instance: object, attribute: attrs.Attribute, value: int) -> None:

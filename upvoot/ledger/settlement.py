@@ -21,7 +21,7 @@ def call_record(outcome: CallOutcome, *, key_prefix: str, account: str, provider
                 metadata: Mapping[str, Any], agent_config: Any) -> CallRecord:
     """The record of a finished call. ``metadata`` is what the daemon knows
     about the call (peer, recording, ...); the record's metadata adds the
-    call's ``engine_failures`` and per-turn ``latencies`` to it.
+    call's ``engine_failures``, per-turn ``latencies`` and ``timeline`` to it.
     ``agent_config`` is the agent's ``upvoot.config.AgentConfig``."""
     return CallRecord(
         call_id=outcome.call_id, key_prefix=key_prefix, account=account, agent=outcome.agent,
@@ -32,7 +32,8 @@ def call_record(outcome: CallOutcome, *, key_prefix: str, account: str, provider
                                   agent_config.points_per_increment),
         transcript=[dict(entry) for entry in outcome.transcript],
         metadata={**metadata, "engine_failures": outcome.engine_failures,
-                  "latencies": [dict(turn) for turn in outcome.latencies]},
+                  "latencies": [dict(turn) for turn in outcome.latencies],
+                  "timeline": [dict(event) for event in outcome.timeline]},
     )
 
 

@@ -20,18 +20,23 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from upvoot.call.hearing import Confirmed, Discarded, Ear, Ended, Endpointer, Interims, Onset
+from upvoot.call.bargein import BargeIn
+from upvoot.call.caller import CallerSide
+from upvoot.call.hearing import Ear, Interims
 from upvoot.call.inputs import CallInputs
 from upvoot.call.limits import CallLimits, Listening, SilenceClock
 from upvoot.call.outcome import CallOutcome, CallReport, EndReason
 from upvoot.call.playout import MarkLedger, Pacer, Playback
 from upvoot.call.speaking import Reply, ReplyKind, ReplyState, Voice
+from upvoot.call.speculation import Speculation, reply_speculator
+from upvoot.call.turns import TurnTaker
 
 Post = Callable[..., None]  # post(CallInputs.<input>, *args)
 
 
-class CallCore:
-    """Everything a call holds that outlives a single state."""
+class CallCore(CallerSide):
+    """Everything a call holds that outlives a single state (the caller's
+    speech events and the turn policy's work: ``CallerSide``)."""
 
     _log = Logger()
 
@@ -47,14 +52,20 @@ class CallCore:
         self.on_ended = on_ended
         self.recorder = recorder  # ICallRecorder, or None
         self.report = CallReport(call_id or uuid.uuid4().hex, cfg.name, line, clock, log_transcripts)
-        self.ear = Ear(agent.vad.new_detector(),
-                       Endpointer(cfg.end_of_turn, cfg.min_utterance, cfg.max_utterance, cfg.barge_in_min))
+        # the turn policy (``turn``): the endpointer, the end-of-turn model, the work begun at a pause
+        self.turns = TurnTaker(clock, cfg, agent.turn_model, agent.stt, self._heard, prefix=self._held_audio,
+                               speculate_reply=reply_speculator(agent.brain, cfg.system_prompt,
+                                                                lambda: self.report.history, clock),
+                               call_id=self.report.call_id)
+        self._handover: Speculation | None = None  # the ended turn's speculative work, for start_turn
+        self.ear = Ear(agent.vad.new_detector(), self.turns.endpointer)
         self.voice = Voice(agent, clock, self.report, self)
         self.limits = CallLimits(clock, cfg, post)
         self.silence = SilenceClock(self.report.t0)
         # a provider's minimum chunk (Exotel) needs more lead for the first chunk to leave at once
         self.lead = max(lead, line.min_lead)
         self.marks = MarkLedger(line, clock) if line.acknowledges_playout else None
+        self.barge = BargeIn(line, self.marks, self.report, agent.stt, cfg.backchannels, post)
         self.reply: Reply | None = None  # the agent speech of the live states
         self.closing: Reply | None = None  # the closing line, once the call is ending
         self.end_reason: EndReason | None = None
@@ -78,23 +89,7 @@ class CallCore:
         if self.closing is not None:
             return
         for event in self.ear.hear(pcm):
-            if self.finished:
-                return
-            if isinstance(event, Onset):
-                self.post(CallInputs.speech_started)
-            elif isinstance(event, Confirmed):
-                self.post(CallInputs.speech_confirmed)
-            elif isinstance(event, Discarded):
-                if self.reply is not None and self.reply.state is ReplyState.HELD:
-                    # a cough after a turn not yet understood: that turn ends now
-                    self.post(CallInputs.utterance_ended, b"")
-                else:
-                    self.post(CallInputs.speech_discarded)
-            elif isinstance(event, Ended):
-                now = self.clock.seconds()
-                self._turn_times = {"speech_end": now - (0 if event.forced else self.agent.config.end_of_turn),
-                                    "endpointed": now}
-                self.post(CallInputs.utterance_ended, event.pcm)
+            self._heard(event)
 
     def digit(self, digit: str) -> None:
         """A keypad digit is caller input: it becomes a caller turn (and
@@ -114,7 +109,7 @@ class CallCore:
 
     def interims(self) -> Interims:
         return Interims(self.clock, self.agent.config.interim_interval, self.agent.stt, self.ear.endpointer,
-                        self.line.interim, lambda e: self.voice.log_failure("stt", e, interim=True))
+                        self._interim, lambda e: self.voice.log_failure("stt", e, interim=True))
 
     # ------------------------------------------------------------ speaking
     def _new_playback(self, on_played: Callable[[], None]) -> Playback:
@@ -135,12 +130,15 @@ class CallCore:
 
     def say(self, text: str, kind: ReplyKind) -> None:
         """Speak a fixed line now (cached audio when available)."""
+        if kind is ReplyKind.PROMPT:
+            self.report.event("silence_prompt")
         self.reply = self.new_reply(kind, ReplyState.PLAYING)
         self._start_audio(self.reply)
         self.voice.speak_line(self.reply, text)
 
     def _start_audio(self, reply: Reply) -> None:
         reply.state = ReplyState.PLAYING
+        self.report.event("agent_start", reply=reply.kind.value)
         self.line.audio_start()
         self.pacer.add(reply.playback)
 
@@ -154,6 +152,7 @@ class CallCore:
         """A playback finished playing at the caller's end: say which one."""
         if reply is self.closing:
             self.line.audio_end(False)
+            self.report.event("agent_end", interrupted=False)
             self.report.agent_said(reply.playback.full_text())
             self.post(CallInputs.closing_played)
             return
@@ -161,6 +160,7 @@ class CallCore:
             return
         reply.state = ReplyState.OVER
         self.line.audio_end(False)
+        self.report.event("agent_end", interrupted=False)
         self.report.agent_said(reply.playback.full_text())
         self.silence.agent_finished(self.clock.seconds(), was_prompt=reply.kind is ReplyKind.PROMPT)
         if reply.kind.answers_turn:
@@ -208,14 +208,16 @@ class CallCore:
     # -------------------------------------------------------------- turns
     def start_turn(self, pcm: bytes) -> None:
         """The caller's utterance ended: transcribe it and answer."""
-        held = self.reply
-        if held is not None and held.state is ReplyState.HELD:
-            # the caller went on talking before we understood the last piece: hear it as one turn
-            pcm = held.caller_pcm + pcm
+        prefix = self._held_audio()  # the caller went on talking before we understood the last piece:
+        pcm = prefix + pcm  # hear it as one turn
+        spec, self._handover = self._handover, None
+        if spec is not None and spec.prefix != prefix:  # begun on other audio than this turn's
+            spec.cancel()
+            spec = None
         reply = self.reply = self.new_reply(ReplyKind.REPLY, ReplyState.TRANSCRIBING)
         reply.caller_pcm = pcm
         reply.times = dict(self._turn_times)
-        self.voice.answer(reply)
+        self.voice.answer(reply, speculation=spec)
 
     def start_text_turn(self, text: str) -> None:
         """A turn whose caller text is already known (a DTMF digit)."""
@@ -226,6 +228,7 @@ class CallCore:
 
     def digit_turn_while_hearing(self, text: str) -> None:
         self.ear.endpointer.reset()
+        self._drop_turn_work()
         self.start_text_turn(text)
 
     def caller_resumed(self) -> None:
@@ -247,25 +250,42 @@ class CallCore:
 
     # ---------------------------------------------------------- barge-in
     def pause(self) -> None:
+        """Onset over the agent: it pauses, the line's buffer is cleared (``BargeIn``)."""
         if self.reply is not None:
-            self.reply.playback.pause()
+            self.barge.pause(self.reply.playback)
 
-    def resume(self) -> None:
+    def judge(self) -> None:
+        """Confirmed speech over the agent: its words decide (backchannels)."""
+        self.barge.judge(self.ear.endpointer.utterance)
+
+    def resume(self, backchannel: bool = False) -> None:
+        """Not a barge-in: the reply goes on from the last byte heard. After
+        a backchannel the ear starts afresh, so more speech is a new onset."""
         self.report.barge_ins_resumed += 1
+        self.report.event("barge_in_resumed", backchannel=backchannel)
+        if backchannel:
+            self.ear.endpointer.reset()
+            self._drop_turn_work()  # a pause's speculative work on the backchannel
         if self.reply is not None:
-            self.reply.playback.resume(self.clock.seconds())
+            self.barge.resume(self.reply.playback, self.clock.seconds())
+        else:
+            self.barge.cancel()
 
     def barge_in(self) -> None:
         """Confirmed: drop the rest of the reply; keep what was heard."""
         self.report.barge_ins += 1
+        self.report.event("barge_in")
+        self.barge.cancel()
         reply, self.reply = self.reply, None
         if reply is None:
             return
         heard = reply.playback.heard_text()
         understood = reply.state.understood
         reply.cancel()
-        self.line.clear()
+        if not reply.playback.cleared:  # cleared at onset already: nothing was sent since
+            self.line.clear()
         self.line.audio_end(True)
+        self.report.event("agent_end", interrupted=True)
         if reply.kind.answers_turn and understood:
             self.report.turns += 1
         self.report.agent_said(heard, interrupted=True)
@@ -275,6 +295,8 @@ class CallCore:
     def begin_ending(self, reason: EndReason, closing_line: str) -> None:
         """Cut what the agent is saying, then say ``closing_line``."""
         self.end_reason = reason
+        self.barge.cancel()
+        self._drop_turn_work()
         reply, self.reply = self.reply, None
         if reply is not None:
             if reply.state is ReplyState.PLAYING and not reply.playback.done:
@@ -282,6 +304,7 @@ class CallCore:
                 reply.cancel()
                 self.line.clear()
                 self.line.audio_end(True)
+                self.report.event("agent_end", interrupted=True)
                 self.report.agent_said(heard, interrupted=True)
             else:
                 reply.cancel()
@@ -300,6 +323,8 @@ class CallCore:
         if self.finished:
             return
         self.finished = True
+        self.barge.cancel()
+        self._drop_turn_work()
         if self.end_reason is None:
             self.end_reason = reason or EndReason.HANGUP
         for reply in (self.reply, self.closing):
@@ -312,4 +337,5 @@ class CallCore:
         self.line.close()
         if self.recorder is not None:
             self.recorder.stop(self.report.elapsed())
+        self.report.event("end", reason=self.end_reason.value)
         self.on_ended(self.report.outcome(self.end_reason))

@@ -11,9 +11,17 @@ and stops speaking. Sans-IO: feed it 20 ms frames, it returns events.
   (the agent's ``barge_in_min``): the caller really is talking.
 - End of turn: ``end_silence`` of unvoiced frames after speech. If the
   utterance held less than ``min_utterance`` of voiced audio it is
-  *discarded* (a cough, a click, a short "mm-hm"), otherwise it *ends* and
-  carries its audio, with ``pre_roll`` of audio from before the onset so the
-  recognizer hears the first consonant.
+  *discarded* after ``discard_silence`` (default: ``end_silence``; a cough,
+  a click, a short "mm-hm"), otherwise it *ends* and carries its audio, with
+  ``pre_roll`` of audio from before the onset so the recognizer hears the
+  first consonant.
+- Pause (only with ``pause`` set: ``turn = smart``): after ``pause`` of
+  silence following at least ``min_utterance`` of voiced audio, *paused*
+  (once per pause) with the audio so far: the turn may be over, the turn
+  policy (``upvoot.call.turns``) asks the end-of-turn model and may end the
+  turn at once (``end_now``) or sooner than ``end_silence`` (``end_after``).
+  Speech again after a pause (two voiced frames in a row; a lone voiced
+  frame is a click) is *resumed*.
 - ``max_utterance`` forces an end, so a caller (or a noisy line) can never
   hold the turn forever.
 """
@@ -44,6 +52,18 @@ class Confirmed:
 @attrs.frozen
 class Discarded:
     voiced: float
+    silence: float = attrs.field(default=0.0, eq=False)  # seconds since the sound ended
+
+
+@attrs.frozen
+class Paused:
+    pcm: bytes
+    voiced: float
+
+
+@attrs.frozen
+class Resumed:
+    pass
 
 
 @attrs.frozen
@@ -51,6 +71,7 @@ class Ended:
     pcm: bytes
     voiced: float
     forced: bool = False
+    silence: float = attrs.field(default=0.0, eq=False)  # seconds of trailing silence: the speech ended this long ago
 
 
 class Endpointer:
@@ -61,8 +82,16 @@ class Endpointer:
         max_utterance: float,
         confirm_after: float,
         pre_roll: float = 0.2,
+        pause: float = 0.0,
+        discard_silence: float | None = None,
     ) -> None:
         self._end_frames = max(1, round(end_silence * 1000 / FRAME_MS))
+        self._until = self._end_frames  # this utterance's end (end_after lowers it)
+        self._discard_frames = max(1, round((end_silence if discard_silence is None else discard_silence)
+                                            * 1000 / FRAME_MS))
+        self._pause_frames = round(pause * 1000 / FRAME_MS)
+        self._paused = False
+        self._again = 0  # voiced frames in a row after a pause
         self._min_voiced = max(1, round(min_utterance * 1000 / FRAME_MS))
         self._max_frames = max(1, round(max_utterance * 1000 / FRAME_MS))
         self._confirm = max(1, round(confirm_after * 1000 / FRAME_MS))
@@ -98,6 +127,8 @@ class Endpointer:
                 self._frames = self._run
                 self._silent = 0
                 self._confirmed = False
+                self._paused = False
+                self._until = self._end_frames
                 events.append(Onset())
                 if self._voiced >= self._confirm:
                     self._confirmed = True
@@ -107,32 +138,65 @@ class Endpointer:
         self._frames += 1
         if voiced:
             self._voiced += 1
-            self._silent = 0
+            self._again += 1
+            if not self._paused:
+                self._silent = 0
+            elif self._again >= 2:
+                self._paused = False
+                self._silent = 0
+                self._until = self._end_frames
+                events.append(Resumed())
+            else:
+                self._silent += 1  # a lone voiced frame in a pause: a click
             if not self._confirmed and self._voiced >= self._confirm:
                 self._confirmed = True
                 events.append(Confirmed())
         else:
+            self._again = 0
             self._silent += 1
-        if self._silent >= self._end_frames or self._frames >= self._max_frames:
-            forced = self._silent < self._end_frames
-            events.append(self._close(forced))
+        if (self._pause_frames and not self._paused and self._silent == self._pause_frames
+                and self._voiced >= self._min_voiced):
+            self._paused = True
+            events.append(Paused(bytes(self._utterance), self.voiced_seconds))
+        short = self._voiced < self._min_voiced
+        if self._silent >= (self._discard_frames if short else self._until) or self._frames >= self._max_frames:
+            events.append(self._close(forced=self._silent < (self._discard_frames if short else self._until)))
         return events
+
+    def end_now(self) -> object | None:
+        """End the utterance in progress here (the end-of-turn model says the
+        caller has finished): its ``Ended`` (``Discarded`` if too short), or
+        None when no utterance is in progress."""
+        if not self.in_speech:
+            return None
+        return self._close(forced=False)
+
+    def end_after(self, silence: float) -> object | None:
+        """End the utterance in progress after ``silence`` instead of
+        ``end_silence`` (never later): now if it has been silent that long
+        (its event, as ``end_now``), else at that silence (None now)."""
+        if not self.in_speech:
+            return None
+        self._until = min(self._until, max(1, round(silence * 1000 / FRAME_MS)))
+        return self._close(forced=False) if self._silent >= self._until else None
 
     def _close(self, forced: bool) -> object:
         voiced = self.voiced_seconds
         pcm = bytes(self._utterance)
-        self.in_speech = False
-        self._run = 0
-        self._utterance = bytearray()
+        silence = self._silent * FRAME_MS / 1000
+        self.reset()
         if self._voiced < self._min_voiced and not forced:
-            return Discarded(voiced)
-        return Ended(pcm, voiced, forced)
+            return Discarded(voiced, silence)
+        return Ended(pcm, voiced, forced, silence)
 
     def reset(self) -> None:
         self.in_speech = False
         self._run = 0
         self._utterance = bytearray()
         self._pre.clear()
+        self._paused = False
+        self._again = 0
+        self._until = self._end_frames
 
 
 class Ear:

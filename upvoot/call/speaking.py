@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from upvoot.audio import duration
 from upvoot.call.outcome import CallReport
 from upvoot.call.playout import Playback
+from upvoot.call.speculation import Speculation
 from upvoot.engines.interfaces import ReplyEndCall, ReplyText
 from upvoot.engines.sentences import SentenceSplitter
 
@@ -146,35 +147,53 @@ class Voice:
             self.listener.reply_ready(reply)
 
     # -------------------------------------------------------------- turns
-    def answer(self, reply: Reply, known_text: str | None = None) -> None:
+    def answer(self, reply: Reply, known_text: str | None = None, speculation: Speculation | None = None) -> None:
         """Produce the reply to a turn: ``reply.caller_pcm`` transcribed, or
-        ``known_text`` (a keypad digit)."""
-        self._run(reply, self._answer(reply, known_text))
+        ``known_text`` (a keypad digit). ``speculation``: the work the turn
+        policy began at the caller's pause (``upvoot.call.speculation``):
+        its transcript is the turn's, its brain request the reply's when it
+        was asked with the same conversation."""
+        self._run(reply, self._answer(reply, known_text, speculation))
 
-    async def _answer(self, reply: Reply, known_text: str | None) -> None:
+    async def _answer(self, reply: Reply, known_text: str | None, speculation: Speculation | None) -> None:
         started = self.clock.seconds()
         pcm = reply.caller_pcm
         try:
-            text = known_text if known_text is not None else (await self.agent.stt.transcribe(pcm, True) or "").strip()
+            if known_text is not None:
+                text = known_text
+            elif speculation is not None:
+                text = await speculation.transcript()
+            else:
+                text = (await self.agent.stt.transcribe(pcm, True) or "").strip()
         except defer.CancelledError:
             raise
         except Exception as e:
             self._engine_failed(reply, "stt", e)
             return
+        ahead = speculation.reply if speculation is not None else None
         if not text:
+            if ahead is not None:
+                ahead.cancel()
             self._log.info("Utterance of {seconds:.2f}s had no words", event="call.no_words", call_id=self.call_id,
                            seconds=duration(pcm))
             reply.state = ReplyState.OVER
             self.listener.nothing_heard(reply)
             return
         reply.state = ReplyState.ANSWERING
-        reply.times["transcribed"] = self.clock.seconds()
+        # a speculative transcript came before the turn ended: the latency split counts from its time
+        reply.times["transcribed"] = (speculation and speculation.transcribed_at) or self.clock.seconds()
         self.listener.caller_understood(reply, text)
+        if ahead is not None and ahead.history != tuple(self.report.history):  # asked before the agent's last words
+            ahead.cancel()
+            ahead = None
+        pieces = ahead.items() if ahead is not None else self.agent.brain.reply(self.agent.config.system_prompt,
+                                                                                list(self.report.history))
         splitter = SentenceSplitter()
         try:
-            async for item in self.agent.brain.reply(self.agent.config.system_prompt, list(self.report.history)):
+            async for item in pieces:
                 if isinstance(item, ReplyText):
-                    reply.times.setdefault("first_token", self.clock.seconds())
+                    # a speculative reply's text may have come before the turn ended: the split counts it from there
+                    reply.times.setdefault("first_token", (ahead.first_token if ahead else None) or self.clock.seconds())
                     for piece in splitter.feed(item.text):
                         await self._speak_sentence(reply, piece)
                 elif isinstance(item, ReplyEndCall):

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from upvoot.config import AgentConfig
 from upvoot.engines import get_factory
-from upvoot.engines.interfaces import EngineContext, IKnownReplies
+from upvoot.engines.interfaces import EngineContext, EngineUnavailable, IKnownReplies
 from upvoot.engines.sentences import SentenceSplitter
 
 
@@ -59,6 +59,7 @@ class Agent:
     brain: Any
     tts: Any
     phrases: PhraseCache
+    turn_model: Any = None  # IEndOfTurn (smart-turn) for ``turn = smart``, one per process
 
 
 class AgentRegistry:
@@ -78,7 +79,16 @@ class AgentRegistry:
 
     def build_engines(self) -> None:
         """Load models. Blocking: call it from a thread (or a test)."""
+        turn_model = None
         for cfg in self.configs.values():
+            if cfg.turn == "smart" and turn_model is None:
+                from upvoot.engines import smartturn
+
+                self._log.info("Loading the end-of-turn model", event="engine.loading", kind="turn", name="smart-turn")
+                try:
+                    turn_model = smartturn.load(self.context)
+                except EngineUnavailable as e:
+                    raise EngineUnavailable(f"[agent:{cfg.name}] turn = smart: {e}") from None
             built = {}
             for kind, spec in cfg.engines.items():
                 key = (kind, spec.name, spec.settings)
@@ -86,7 +96,8 @@ class AgentRegistry:
                     self._log.info("Loading {kind} engine {name}", event="engine.loading", kind=kind, name=spec.name)
                     self._engines[key] = get_factory(kind, spec.name).build(spec.settings, self.context)
                 built[kind] = self._engines[key]
-            self.agents[cfg.name] = Agent(cfg, built["vad"], built["stt"], built["brain"], built["tts"], PhraseCache())
+            self.agents[cfg.name] = Agent(cfg, built["vad"], built["stt"], built["brain"], built["tts"], PhraseCache(),
+                                          turn_model if cfg.turn == "smart" else None)
 
     async def warm_phrases(self) -> None:
         """Synthesize every agent's fixed lines, and the sentences of the

@@ -15,6 +15,9 @@ Rules:
   if no final work is waiting and, with two or more threads, at least one
   other thread stays idle for finals. So interims never delay a final, and
   they use at most ``size - 1`` threads of the machine at once.
+- *urgent* work (the end-of-turn model: one short inference that decides
+  when a caller's turn ends) has its own slot, one thread beyond ``size``,
+  and its own queue: neither interims nor queued finals ever delay it.
 - Cancelling the Deferred of queued work removes it; cancelling running work
   discards its result (the thread finishes the call it is in).
 
@@ -42,9 +45,12 @@ class WorkerPool:
         self.size = size or (os.cpu_count() or 1)
         self.queue_limit = queue_limit
         self._reactor = reactor
-        self._threads = ThreadPool(minthreads=self.size, maxthreads=self.size, name=name)
+        # one thread more than size: the slot of urgent work
+        self._threads = ThreadPool(minthreads=self.size + 1, maxthreads=self.size + 1, name=name)
         self._queue: collections.deque = collections.deque()
+        self._urgent: collections.deque = collections.deque()
         self.active = 0
+        self.urgent_active = 0
         self.refused = 0
         self._started = False
 
@@ -62,17 +68,27 @@ class WorkerPool:
     # state ---------------------------------------------------------------
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._urgent)
 
     def saturated(self) -> bool:
         """True when new final work would be refused."""
         return self.active >= self.size and len(self._queue) >= self.queue_limit
 
     # work ----------------------------------------------------------------
-    def run(self, fn: Callable[..., Any], *args: Any, interim: bool = False) -> defer.Deferred:
+    def run(self, fn: Callable[..., Any], *args: Any, interim: bool = False, urgent: bool = False) -> defer.Deferred:
         """Run ``fn(*args)`` on a worker thread; see the module docstring."""
         job = _Job(fn, args)
         job.deferred = defer.Deferred(lambda d: self._cancel(job))
+        if urgent:
+            job.urgent = True
+            if self.urgent_active == 0:
+                self._start(job)
+            elif len(self._urgent) < max(self.queue_limit, self.size):
+                self._urgent.append(job)
+            else:
+                self.refused += 1
+                return defer.fail(EngineBusy("worker pool saturated: urgent work refused"))
+            return job.deferred
         if interim:
             reserve = 1 if self.size > 1 else 0
             if self.active + reserve < self.size and not self._queue:
@@ -95,12 +111,15 @@ class WorkerPool:
     def _cancel(self, job: "_Job") -> None:
         job.cancelled = True
         try:
-            self._queue.remove(job)
+            (self._urgent if job.urgent else self._queue).remove(job)
         except ValueError:
             pass
 
     def _start(self, job: "_Job") -> None:
-        self.active += 1
+        if job.urgent:
+            self.urgent_active += 1
+        else:
+            self.active += 1
 
         def done(success: bool, result: Any) -> None:
             self._reactor.callFromThread(self._finished, job, success, result)
@@ -108,7 +127,14 @@ class WorkerPool:
         self._threads.callInThreadWithCallback(done, job.fn, *job.args)
 
     def _finished(self, job: "_Job", success: bool, result: Any) -> None:
-        self.active -= 1
+        if job.urgent:
+            self.urgent_active -= 1
+            while self._urgent and not self.urgent_active:
+                nxt = self._urgent.popleft()
+                if not nxt.cancelled:
+                    self._start(nxt)
+        else:
+            self.active -= 1
         while self._queue and self.active < self.size:
             nxt = self._queue.popleft()
             if not nxt.cancelled:
@@ -122,12 +148,13 @@ class WorkerPool:
 
 
 class _Job:
-    __slots__ = ("fn", "args", "deferred", "cancelled")
+    __slots__ = ("fn", "args", "deferred", "cancelled", "urgent")
 
     def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
         self.fn = fn
         self.args = args
         self.cancelled = False
+        self.urgent = False
         self.deferred: defer.Deferred
 
 
@@ -149,5 +176,5 @@ class SynchronousPool:
     def saturated(self) -> bool:
         return False
 
-    def run(self, fn: Callable[..., Any], *args: Any, interim: bool = False) -> defer.Deferred:
+    def run(self, fn: Callable[..., Any], *args: Any, interim: bool = False, urgent: bool = False) -> defer.Deferred:
         return defer.maybeDeferred(fn, *args)

@@ -106,6 +106,17 @@ class ISpeechToText(Interface):
         has."""
 
 
+class IEndOfTurn(Interface):
+    """Whether a caller who has paused has finished their turn, from the
+    sound of it (smart-turn). Shared by all calls; inference runs on the
+    worker pool as urgent work (its own slot), never on the reactor."""
+
+    def predict(pcm: bytes) -> object:
+        """Return a Deferred firing with the probability (0..1) that the
+        utterance in ``pcm`` (16 kHz s16le, the trailing silence included)
+        is a finished turn. Cancelling it discards the result."""
+
+
 @attrs.frozen
 class Turn:
     """One finished turn of the conversation, as the caller experienced it."""

@@ -64,7 +64,7 @@ async def bench_whisper(stt, speech: bytes, runs: int) -> None:
     for _ in range(runs):
         elapsed, _ = await timed(stt.transcribe(speech[: audio.BYTES_PER_SECOND], final=False))
         times.append(elapsed)
-    print(f"  interim decode of 1 s: {ms(statistics.median(times))} (Whisper pads every input to 30 s)")
+    print(f"  interim decode of 1 s: {ms(statistics.median(times))} (short window; bench/wer.py compares the padded one)")
 
 
 async def bench_piper(tts, runs: int) -> None:

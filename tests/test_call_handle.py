@@ -77,7 +77,7 @@ def test_the_handle_and_the_lines_provide_their_interfaces():
 
 def test_every_state_declares_every_input():
     names = [s.name for s in STATES]
-    assert len(INPUT_NAMES) == 21 and "hangup" in INPUT_NAMES
+    assert len(INPUT_NAMES) == 24 and "hangup" in INPUT_NAMES
     assert set(TRANSITIONS) == set(itertools.product(names, INPUT_NAMES))
     assert set(TRANSITIONS.values()) == set(names)
     assert all(TRANSITIONS[("ended", name)] == "ended" for name in INPUT_NAMES), "ended is final"

@@ -132,15 +132,15 @@ def test_heard_text_is_cut_by_the_audio_heard():
 # ================================================================ marks
 
 
-def test_marks_every_200ms_and_the_last_one_says_so():
+def test_marks_every_100ms_and_the_last_one_says_so():
     w = World(lead=0.1, marks=True)
-    w.playback.add(seconds(0.5))
+    w.playback.add(seconds(0.26))
     w.pacer.add(w.playback)
     w.playback.finish()
-    w.run(0.6)
+    w.run(0.4)
     positions = [w.ledger._pending[name][1] for name, _ in w.line.marks]
     assert [name for name, _ in w.line.marks] == ["upvoot-1", "upvoot-2", "upvoot-3"]
-    assert positions == [6400, 12800, 16000]
+    assert positions == [3200, 6400, 8320]
     assert [last for _, last in w.line.marks] == [False, False, True]
 
 
@@ -150,7 +150,7 @@ def test_an_acknowledged_mark_moves_the_clock_of_what_was_heard():
     w.pacer.add(w.playback)
     w.run(0.3)
     assert w.playback.heard == 0, "where the line acknowledges, only marks say what was heard"
-    (first, _), (second, _) = w.line.marks[:2]
+    (first, _), (second, _) = w.line.marks[1:3]  # at 200 and 300 ms
     w.ledger.acknowledged(first, cleared=False)
     assert w.playback.acked == 6400
     assert w.playback.heard_text() == "one two"
@@ -169,7 +169,7 @@ def test_the_first_acknowledgement_says_when_the_caller_started_hearing():
     w.playback.add(seconds(0.5))
     w.pacer.add(w.playback)
     w.run(0.3)
-    w.ledger.acknowledged(w.line.marks[0][0], cleared=False)  # 200 ms of audio, heard by 50.3
+    w.ledger.acknowledged(w.line.marks[1][0], cleared=False)  # 200 ms of audio, heard by 50.3
     assert started == [pytest.approx(50.1)]
     w.playback.stop()
 

@@ -13,9 +13,16 @@ States (Automat ``TypeMachineBuilder``)::
     new --start--> speaking (greeting)
     listening --speech_started--> hearing --utterance_ended--> thinking
     thinking --reply_ready--> speaking --reply_played--> listening
-    speaking --speech_started--> paused   (agent audio paused at once)
-    paused --speech_confirmed--> hearing  (barge-in: rest of reply dropped)
-    paused --speech_discarded--> speaking (not speech after all: resume)
+    speaking --speech_started--> paused   (agent audio paused, the line cleared)
+    paused --speech_discarded--> speaking (not speech after all: resume from
+                                           the last acknowledged mark)
+    paused --speech_confirmed--> judging  (the words of it are decoded)
+    judging --words_heard--> hearing      (barge-in: rest of reply dropped)
+    judging --backchannel_heard--> speaking   ("mm-hm": resume)
+    judging --utterance_ended--> judged   (its audio held until the words
+                                           decide: judged --words_heard-->
+                                           thinking, --backchannel_heard-->
+                                           speaking)
     speaking --agent_finished--> ended    (the brain ended the call)
     any live state --limits / end_requested / turn_failed--> ending
     ending --closing_played--> ended;  any --hangup--> ended
@@ -23,7 +30,8 @@ States (Automat ``TypeMachineBuilder``)::
 Ownership: every timer and in-flight Deferred belongs to the state that
 started it (the silence timers to ``listening``, the interim decoder to
 ``hearing``, the reply producer to thinking/speaking/paused, the closing
-line to ``ending``) and is cancelled when that state is left. ``ended``
+line to ``ending``, the decode of speech over the agent to judging/judged,
+held by ``core.barge``) and is cancelled when that state is left. ``ended``
 cancels whatever is left, so a finished call holds no delayed call.
 
 Every (state, input) pair is declared: those not below are facts that do
@@ -53,12 +61,14 @@ hearing = builder.state("hearing", lambda inputs, core: core.interims())
 thinking = builder.state("thinking")
 speaking = builder.state("speaking")
 paused = builder.state("paused")
+judging = builder.state("judging")  # confirmed speech over the agent: its words decide
+judged = builder.state("judged")  # the same, once the utterance has ended (its audio held)
 ending = builder.state("ending")
 ended = builder.state("ended")
 
 INITIAL = new.name
-STATES = (new, listening, hearing, thinking, speaking, paused, ending, ended)
-_LIVE = (listening, hearing, thinking, speaking, paused)
+STATES = (new, listening, hearing, thinking, speaking, paused, judging, judged, ending, ended)
+_LIVE = (listening, hearing, thinking, speaking, paused, judging, judged)
 
 TRANSITIONS: dict[tuple[str, str], str] = {}
 
@@ -180,14 +190,46 @@ def _agent_done(inputs: CallInputs, core: CallCore) -> None:
 
 
 # --- paused
-@on(paused, CallInputs.speech_confirmed, hearing)
-def _barge(inputs: CallInputs, core: CallCore) -> None:
-    core.barge_in()
+@on(paused, CallInputs.speech_confirmed, judging)
+def _judge(inputs: CallInputs, core: CallCore) -> None:
+    core.judge()
 
 
 @on(paused, CallInputs.speech_discarded, speaking)
 def _not_barge(inputs: CallInputs, core: CallCore) -> None:
     core.resume()
+
+
+# --- judging, judged: the words of confirmed speech over the agent decide
+@on(judging, CallInputs.words_heard, hearing)
+def _barge(inputs: CallInputs, core: CallCore) -> None:
+    core.barge_in()
+
+
+@on(judging, CallInputs.backchannel_heard, speaking)
+def _backchannel(inputs: CallInputs, core: CallCore) -> None:
+    core.resume(backchannel=True)
+
+
+@on(judging, CallInputs.speech_discarded, speaking)
+def _judged_not_speech(inputs: CallInputs, core: CallCore) -> None:
+    core.resume()
+
+
+@on(judging, CallInputs.utterance_ended, judged)
+def _judge_ended(inputs: CallInputs, core: CallCore, pcm: bytes) -> None:
+    core.barge.hold(pcm)
+
+
+@on(judged, CallInputs.words_heard, thinking)
+def _barge_judged_turn(inputs: CallInputs, core: CallCore) -> None:
+    core.barge_in()
+    core.start_turn(core.barge.take_held())
+
+
+@on(judged, CallInputs.backchannel_heard, speaking)
+def _backchannel_ended(inputs: CallInputs, core: CallCore) -> None:
+    core.resume(backchannel=True)
 
 
 @on(paused, CallInputs.utterance_ended, thinking)
@@ -206,7 +248,7 @@ def _digit_waits(inputs: CallInputs, core: CallCore, text: str) -> None:
     core.hold_digit(text)
 
 
-for _state in (speaking, paused):
+for _state in (speaking, paused, judging, judged):
     on(_state, CallInputs.digit_pressed, thinking)(_digit_interrupts)
     on(_state, CallInputs.digit_waiting, _state)(_digit_waits)
 
@@ -216,7 +258,7 @@ def _wrap_up_later(inputs: CallInputs, core: CallCore, *data: object) -> None:
     core.wrap_up_pending = True
 
 
-for _state in (hearing, thinking, speaking, paused):
+for _state in (hearing, thinking, speaking, paused, judging, judged):
     on(_state, CallInputs.wrap_up_due, _state)(_wrap_up_later)
 
 
@@ -228,6 +270,7 @@ _ENDINGS: tuple[tuple[Callable[..., None], EndReason, Callable[[Any], str]], ...
     (CallInputs.turns_exhausted, EndReason.MAX_TURNS, lambda cfg: cfg.closing_max_turns),
     (CallInputs.turn_failed, EndReason.ERROR, lambda cfg: cfg.closing_error),
     (CallInputs.shutdown, EndReason.SHUTDOWN, lambda cfg: cfg.goodbye),
+    (CallInputs.out_of_points, EndReason.NO_POINTS, lambda cfg: cfg.closing_no_points),
 )
 
 

@@ -26,6 +26,12 @@ the line acknowledges playout, a playback asks for a mark every
 ``MARK_EVERY`` bytes and at its end, and the marks that come back
 (``MarkLedger.acknowledged``) are the clock of what was heard; for the raw
 protocol our estimate is the truth.
+
+Barge-in over such a line: the provider plays what it holds until a
+``clear``, so the call clears at once when it pauses (``cleared``), and if
+it resumes, ``rewind`` first puts the audio sent but not acknowledged back
+in front of what is still to send: the caller hears exactly what it had not
+heard, in order, once.
 """
 
 from __future__ import annotations
@@ -64,7 +70,10 @@ class Playback:
     with it.
     """
 
-    MARK_EVERY = 6400  # bytes (200 ms) between playout marks
+    # bytes (100 ms) between playout marks: a provider chunk (Exotel's 3,200
+    # bytes) each, so the last acknowledged mark after a clear is where the
+    # caller's ear stopped, and a resume says nothing twice
+    MARK_EVERY = 3200
     MARK_GRACE = 1.5  # seconds past the estimate before a missing mark is given up on
 
     def __init__(
@@ -80,6 +89,8 @@ class Playback:
         self._marks = marks
         self._on_sent = on_sent
         self.acked = 0
+        self._unacked = bytearray()  # audio sent and not yet acknowledged: bytes acked..sent
+        self.cleared = False  # the line was told to drop what it held (the pause's clear)
         self.on_first_ack: Callable[[float], None] | None = None
         self._last_mark = 0
         self._estimate_done_at: float | None = None
@@ -134,12 +145,14 @@ class Playback:
                 frame = bytes(self._buffer[:FRAME_BYTES])
                 del self._buffer[:FRAME_BYTES]
                 self.sent += len(frame)
+                if self._marks is not None:
+                    self._unacked += frame
                 self.started = True
                 if self._on_sent is not None:
                     # counted in ``sent`` already: what is queued ahead of it plays first
                     self._on_sent(frame, max(0.0, (self.sent - len(frame) - self.played) / BYTES_PER_SECOND))
                 self._line.audio(frame)
-        if self._marks is not None and self.sent > self._last_mark:
+        if self._marks is not None and self.sent > self._last_mark and not self.cleared:
             last = self.finished and not self._buffer
             if last or self.sent - self._last_mark >= self.MARK_EVERY:
                 self._last_mark = self.sent
@@ -162,7 +175,9 @@ class Playback:
     def acknowledge(self, position: int, now: float) -> None:
         """The line says audio up to byte ``position`` has played."""
         first = self.acked == 0 and position > 0
-        self.acked = max(self.acked, position)
+        if position > self.acked:
+            del self._unacked[: position - self.acked]
+            self.acked = position
         if first and self.on_first_ack is not None:
             # when the caller started hearing it, by the line's clock
             self.on_first_ack(now - position / BYTES_PER_SECOND)
@@ -176,6 +191,26 @@ class Playback:
 
     def pause(self) -> None:
         self.paused = True
+
+    @property
+    def unacknowledged(self) -> int:
+        """Bytes sent that the line has not said were played (0 without marks)."""
+        return len(self._unacked)
+
+    def rewind(self) -> int:
+        """After a clear: what was sent and not acknowledged goes back in
+        front of the audio still to send, so it is sent again, in order;
+        the clocks go back to the last acknowledged byte. Returns the bytes
+        to send again."""
+        back = bytes(self._unacked)
+        self._unacked.clear()
+        self._buffer[:0] = back
+        self.sent = self.acked
+        self.played = min(self.played, float(self.acked))
+        self._last_mark = min(self._last_mark, self.acked)
+        self._estimate_done_at = None
+        self.cleared = False
+        return len(back)
 
     def resume(self, now: float) -> None:
         self.paused = False
@@ -253,6 +288,12 @@ class MarkLedger:
         self._pending[name] = (playback, position)
         self._line.mark(name, last)
         return name
+
+    def forget(self, playback: Playback, after: int) -> None:
+        """Forget ``playback``'s marks beyond byte ``after``: their audio was
+        cleared and is sent again under new marks (``Playback.rewind``)."""
+        for name in [k for k, (p, pos) in self._pending.items() if p is playback and pos > after]:
+            del self._pending[name]
 
     def acknowledged(self, name: str, cleared: bool) -> None:
         """The far end played (or, ``cleared``, dropped) audio up to ``name``;

@@ -73,9 +73,13 @@ transcript / interim / turn_start / event: Exotel documents no message for
 them and does not say it tolerates unknown ones, so they produce nothing.
 
 UNCONFIRMED
-  * whether pending marks are echoed after a ``clear``: marks outstanding at
-    our clear are reported ``cleared=True`` if they come back; they may
-    never come back, so the call must not wait for them.
+  * whether pending marks are echoed after a ``clear``: they may never come
+    back, so the call must not wait for them. One that does come back is
+    reported played (``cleared=False``): clear drops only audio that has not
+    started playing, so a mark echoed after it follows audio that played
+    (the chunk in progress finishing). A barge-in that resumes sends again
+    from the last echoed mark: this keeps the finishing chunk from being
+    said twice.
   * whether a mark is echoed at once when nothing is playing.
   * the μ-law variant of a beta "extension guide" (and the ExoML
     StartStream default ``audio/x-mulaw;rate=8000``): if
@@ -116,6 +120,8 @@ class ExotelFraming(ProviderFraming):
     title = "Exotel"
     acknowledges_playout = True
     IGNORED = ("connected", "clear", "silence")
+    #: clear drops only audio not yet started (Exotel-applet): a mark echoed after it has played
+    CLEAR_FINISHES_PLAYING = True
 
     def __init__(self, sample_rate: int | None = None) -> None:
         super().__init__()

@@ -39,9 +39,12 @@ class MarkBook:
     reported ``cleared=True`` if the provider echoes them later (Twilio and
     Telnyx return pending marks on clear). Providers that confirm a clear
     with a message of their own (Plivo, Vonage) use :meth:`release_cleared`.
+    ``echo_means_played`` (Exotel: its clear lets the playing chunk finish):
+    a mark echoed after our clear played; only :meth:`sent_cleared` ones are cleared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, echo_means_played: bool = False) -> None:
+        self.echo_means_played = echo_means_played
         self._pending: list[str] = []
         self._cleared: list[str] = []
 
@@ -49,8 +52,9 @@ class MarkBook:
         self._pending.append(name)
 
     def cleared(self) -> None:
-        self._cleared.extend(self._pending)
-        self._pending.clear()
+        if not self.echo_means_played:
+            self._cleared.extend(self._pending)
+            self._pending.clear()
 
     def sent_cleared(self, name: str) -> None:
         """A mark sent after the audio before it was dropped."""
@@ -150,6 +154,7 @@ class ProviderFraming(abc.ABC):
     IGNORED: tuple[str, ...] = ()
     #: the name of the message that starts the stream
     START_EVENT = "start"
+    CLEAR_FINISHES_PLAYING = False  # a mark echoed after our clear has played (see MarkBook)
     #: media tracks that carry the caller (others are ignored)
     INBOUND_TRACKS: tuple[str, ...] = ("inbound", "inbound_track")
 
@@ -160,7 +165,7 @@ class ProviderFraming(abc.ABC):
         self._out: Outbound | None = None
         self._backlog = Backlog()
         self._ready: list[Frame] = []
-        self._marks = MarkBook()
+        self._marks = MarkBook(echo_means_played=self.CLEAR_FINISHES_PLAYING)
         self._on = self._handlers()
 
     # -- inbound ---------------------------------------------------------------

@@ -294,15 +294,19 @@ async def run_calls(
     max_seconds: float,
     ramp: float = 0.0,
     connect_timeout: float = 10.0,
+    provider: str = "raw",
+    sample_rate: int | None = None,
 ) -> list[DialResult]:
     """Place one call per (url, source), the starts spread over ``ramp``
     seconds. Every call hangs up by itself when its
     caller is done, at ``max_seconds`` at the latest; a watchdog fails what
-    is left after that plus the connect timeout and a grace."""
+    is left after that plus the connect timeout and a grace. ``provider``
+    (and ``sample_rate``): the framing the calls speak (``upvoot.dial``)."""
     calls: list[Call] = []
 
     def place(i: int) -> defer.Deferred[DialResult]:
-        options = DialOptions(urls[i], max_seconds=max_seconds, connect_timeout=connect_timeout)
+        options = DialOptions(urls[i], max_seconds=max_seconds, connect_timeout=connect_timeout, provider=provider,
+                              sample_rate=sample_rate)
         call = start_call(reactor, options, source=sources[i])
         calls.append(call)
         return call.done
@@ -395,13 +399,15 @@ def wait_quiet(pid: int | None, max_wait: float = 45.0, below: float = 25.0, win
 
 
 @contextlib.contextmanager
-def managed_daemon(keys: int = 1, points: int = 1000, **ini_overrides: str) -> Iterator[tuple[Any, list[str]]]:
+def managed_daemon(keys: int = 1, points: int = 1000, edit: Any = None, **ini_overrides: str) -> Iterator[tuple[Any, list[str]]]:
     """``twistd -n upvoot`` with the shipped etc/upvoot.ini on a free
-    loopback port in a temporary directory; yields (Daemon, keys)."""
+    loopback port in a temporary directory; yields (Daemon, keys).
+    ``edit``: a function of the ini text (e.g. to set agent options)."""
     from tests.daemon import Daemon, shipped_ini
 
     with tempfile.TemporaryDirectory(prefix="upvoot-bench-") as tmp:
-        daemon = Daemon(Path(tmp), shipped_ini(**ini_overrides))
+        ini = shipped_ini(**ini_overrides)
+        daemon = Daemon(Path(tmp), edit(ini) if edit is not None else ini)
         try:
             t0 = time.monotonic()
             daemon.start(timeout=120)

@@ -18,11 +18,11 @@ client v2v   the moment the last speech sample of the question was sent
              at the last 5 ms block above -50 dBFS) -> the first binary frame
              after the reply's ``audio_start``.
 server       the call record's ``metadata.latencies`` (``upvoot calls show ID
-             --json``): endpointing (= end_of_turn, the silence that ends a
-             turn), transcription, first token (brain), first audio (TTS to
-             audio_start), voice_to_voice from the server's estimate of the
-             speech end (endpointed - end_of_turn, i.e. its VAD's last voiced
-             frame) to audio_start.
+             --json``; ``upvoot.call.outcome.split``): end_of_turn (the short
+             silence waited), turn_model (the end-of-turn model's decision),
+             transcription, brain_first_token, first_audio (TTS to
+             audio_start), voice_to_voice from the server's speech end (its
+             VAD's last voiced frame) to audio_start.
 client - server  per turn. The server's clock starts at the arrival of the
              last frame its VAD called voiced, a few tens of ms before the
              real end of speech ("offset": the VAD's tail threshold plus one
@@ -59,7 +59,7 @@ from bench._common import (  # noqa: E402
     write_clips_wav,
 )
 
-STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
+from upvoot.call.outcome import LATENCY_KEYS as STAGES, read_latency  # noqa: E402
 APOLOGY = "Sorry, I had a problem there. Could you say that again?"
 
 
@@ -128,11 +128,11 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
         load = loads[src.call_no]
         print(f"call {src.call_no + 1}: {status}; record {rid}; CPU % of one core: daemon {load['server']:.0f},"
               f" this client {load['own']:.0f}, other processes {load['others']:.0f}" + (f"; {src.note}" if src.note else ""))
-        pairs += pair_latencies(src.turns, record, APOLOGY)
+        pairs += [(t, read_latency(s) if s else None) for t, s in pair_latencies(src.turns, record, APOLOGY)]
 
     print()
     print(f"{'call':>4} {'turn':>4}  {'question':34} {'ok':>3} {'client':>7} {'server':>7} {'diff':>6} {'offset':>6} "
-          f"{'net+pace':>8} | {'endpt':>6} {'stt':>6} {'brain':>6} {'tts':>6}   (ms)")
+          f"{'net+pace':>8} | {'eot':>6} {'model':>6} {'stt':>6} {'brain':>6} {'tts':>6}   (ms)")
     for turn, srv in pairs:
         srv = srv or {}
         v2v_s = srv.get("voice_to_voice")
@@ -141,7 +141,7 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
         net = None if diff is None or off is None else diff + off
         print(f"{turn.call + 1:>4} {turn.index + 1:>4}  {turn.clip.text[:34]:34} {'yes' if turn.understood else 'NO':>3} "
               f"{ms(turn.v2v)} {ms(v2v_s)} {ms(diff, 6)} {ms(off, 6)} {ms(net, 8)} | "
-              + " ".join(ms(srv.get(k), 6) for k in STAGES[:4]))
+              + " ".join(ms(srv.get(k), 6) for k in STAGES[:5]))
     unanswered = [t for s in sources for t in s.turns if t.first_byte is None]
     if unanswered:
         print(f"unanswered questions: {len(unanswered)}")
@@ -154,8 +154,8 @@ def measure(args: argparse.Namespace, clips: list, url: str, config: Path, key: 
     with_srv = [(t, s) for t, s in pairs if s and t.v2v is not None]
     print()
     print(f"{'voice-to-voice by stage (ms)':48} {'n':>3} {'median':>7} {'p95':>7}")
-    for k in STAGES[:4]:
-        print(row(f"server: {k}", [s[k] for _, s in with_srv]))
+    for k in STAGES[:5]:
+        print(row(f"server: {k}", [s[k] for _, s in with_srv if k in s]))
     print(row("server: voice_to_voice (VAD end -> audio_start)", [s["voice_to_voice"] for _, s in with_srv]))
     print(row("client: voice_to_voice (speech end -> 1st byte)", [t.v2v for t, _ in pairs if t.v2v is not None]))
     print(row("client - server", [t.v2v - s["voice_to_voice"] for t, s in with_srv]))

@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 
 from upvoot.audio import FRAME_BYTES
 from upvoot.call import CallOutcome, Pacer, new_call, state_of
+from upvoot.call.outcome import STAGES
 from upvoot.ledger.billing import points_for
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, WORD_SECONDS, agent_config, make_agent, quiet, speech
 
@@ -101,8 +102,8 @@ def test_full_turn_messages_in_order():
     assert h.report.turns == 1
     assert [t.role for t in h.report.history] == ["agent", "caller", "agent"]
     (lat,) = h.report.latencies
-    assert lat["endpointing"] == pytest.approx(0.6, abs=0.03)
-    assert lat["voice_to_voice"] == pytest.approx(sum(lat[k] for k in ("endpointing", "transcription", "first_token", "first_audio")), abs=1e-3)
+    assert lat["end_of_turn"] + lat["turn_model"] == pytest.approx(0.6, abs=0.03)
+    assert lat["voice_to_voice"] == pytest.approx(sum(lat[k] for k in STAGES), abs=1e-3)
 
 
 def test_barge_in_pauses_within_two_frames_then_drops_the_rest():

@@ -25,7 +25,7 @@ touches the reactor, so collecting is synchronous and cheap.
 | upvoot_bad_messages_total | counter | |
 | upvoot_pacing_lateness_seconds | histogram | |
 | upvoot_reactor_lag_seconds | histogram | |
-| upvoot_stage_latency_seconds | histogram | stage |
+| upvoot_stage_latency_seconds | histogram | stage (end_of_turn, turn_model, transcription, brain_first_token, first_audio, voice_to_voice) |
 | upvoot_engine_errors_total | counter | engine |
 | upvoot_worker_queue_length | gauge | |
 | upvoot_points_charged_total | counter | |
@@ -39,14 +39,17 @@ from typing import Any, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from upvoot.call.outcome import EndReason
+from upvoot.call.outcome import LATENCY_KEYS, EndReason, read_latency
 
-STAGES = ("endpointing", "transcription", "first_token", "first_audio", "voice_to_voice")
+#: The stage label values of upvoot_stage_latency_seconds: a turn's split
+#: (``upvoot.call.outcome.split``) and its sum, voice_to_voice.
+STAGES = LATENCY_KEYS
 
 # timer lateness: a healthy reactor is well under 5 ms; lag_budget defaults to 150 ms
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
-# a turn's stages: tens of milliseconds (endpointing) to seconds (voice to voice)
-_STAGE_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# a turn's stages: milliseconds (a cached reply's first audio) to seconds (voice to
+# voice), finer around the targets (voice to voice p50 0.5 s, p95 0.8 s)
+_STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class Metrics:
@@ -88,7 +91,8 @@ class Metrics:
                                      "How late the reactor ran the lag monitor's 50 ms timer.", buckets=_LAG_BUCKETS,
                                      registry=r)
         self.stage_latency = Histogram("upvoot_stage_latency_seconds",
-                                       "Per-turn latency by stage (voice_to_voice: end of caller speech to agent audio).",
+                                       "Per-turn latency by stage: end_of_turn, turn_model, transcription, brain_first_token,"
+                                       " first_audio, and their sum voice_to_voice (end of caller speech to agent audio).",
                                        ["stage"], buckets=_STAGE_BUCKETS, registry=r)
         self.engine_errors = Counter("upvoot_engine_errors_total", "Engine failures that cost a turn, by engine.",
                                      ["engine"], registry=r)
@@ -117,7 +121,7 @@ class Metrics:
         reason = EndReason(outcome.end_reason).value
         self.calls.labels(end_reason=reason, provider=provider).inc()
         for turn in outcome.latencies or ():
-            for stage, seconds in turn.items():
+            for stage, seconds in read_latency(turn).items():
                 if stage in STAGES and seconds is not None:
                     self.stage_latency.labels(stage=stage).observe(seconds)
         failures = outcome.engine_failures or 0

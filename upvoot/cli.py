@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -142,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("call_id", metavar="CALL_ID")
     _json_flag(p)
+    p.add_argument("--svg", metavar="FILE", help="write the call's timeline as an SVG picture to FILE ('-': stdout)")
     p.set_defaults(handler=_calls_show)
+
+    from upvoot import cli_db
+
+    cli_db.add_commands(commands)
+    from upvoot.console import command as console_command
+
+    console_command.add_commands(commands)
 
     # The dialer's own arguments are parsed later by its own parser, so that
     # upvoot.dial.command is only imported when it is used.
@@ -218,11 +225,11 @@ def _load_config(path: str | None) -> Any:
 def _transact(config: Any, fn: Callable[..., Any], *fn_args: Any) -> Any:
     """Run one transaction function on the configured database."""
     path = config.database
-    conn = store.connect(path)
+    conn = store.connect(path, config.database_password_file)
     try:
         return store.transact(conn, fn, *fn_args)
-    except sqlite3.Error as e:
-        raise CommandError(f"database {path}: {e}") from None
+    except store.DATABASE_ERRORS as e:
+        raise CommandError(f"database {store.redact(path)}: {store.backends.scrub(str(e), path)}") from None
     finally:
         conn.close()
 
@@ -324,6 +331,8 @@ def _calls_show(args: argparse.Namespace, config: Any) -> int:
     call = _transact(config, store.get_call, args.call_id)
     if call is None:
         raise CommandError(f"no call {args.call_id!r}")
+    if args.svg:
+        return _write_svg(args.svg, call)
     if args.json:
         _print_json(call)
         return 0
@@ -341,6 +350,16 @@ def _calls_show(args: argparse.Namespace, config: Any) -> int:
         t = entry.get("t")
         stamp = f"{t:7.1f}s" if isinstance(t, (int, float)) else " " * 8
         print(f"  {stamp}  {entry.get('role', '?')}: {entry.get('text', '')}")
+    return 0
+
+
+def _write_svg(path: str, call: dict) -> int:
+    from upvoot.console import timeline  # the call's timeline picture
+
+    try:
+        timeline.save(call, sys.stdout if path == "-" else path)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
     return 0
 
 

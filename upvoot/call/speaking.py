@@ -208,6 +208,15 @@ class Voice:
                 self._engine_failed(reply, "brain/tts", e)
                 return
             self.log_failure("brain/tts", e)
+        finally:
+            # Cancelled while a sentence is spoken (a barge-in), the brain's
+            # stream is suspended at a yield and nothing closes it: close it
+            # here, so its request stops (an HTTP stream is aborted).
+            close = getattr(pieces, "aclose", None)
+            if close is not None:
+                defer.Deferred.fromCoroutine(close()).addErrback(lambda _: None)
+            if ahead is not None:
+                ahead.cancel()
         if reply.playback.queued == 0:
             self._engine_failed(reply, "brain", RuntimeError("empty reply"))
             return

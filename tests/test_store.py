@@ -458,6 +458,16 @@ def test_a_locked_database_never_stalls_the_reactor(path, monkeypatch):
         lags.append(now - last[0] - 0.02)
         last[0] = now
 
+    # A full collection's own time grows with the heap the suite has imported:
+    # measured here, before any transaction waits, it is allowed on top of the budget. (The
+    # bug this guards against waited inside a collection, 2.9 s, for the mutex.)
+    baseline = []
+    for _ in range(3):
+        began = time.monotonic()
+        gc.collect()
+        baseline.append(time.monotonic() - began)
+    own = max(baseline)
+
     ticker, collector = task.LoopingCall(tick), task.LoopingCall(gc.collect)
     ticker.start(0.02)
     collector.start(0.1)  # the reactor thread frees what the failed transactions left
@@ -478,7 +488,7 @@ def test_a_locked_database_never_stalls_the_reactor(path, monkeypatch):
         ticker.stop()
         collector.stop()
         s.close()
-    assert max(lags) < 0.25, f"the reactor stalled for {max(lags):.2f}s"
+    assert max(lags) < 0.25 + own, f"the reactor stalled for {max(lags):.2f}s (a collection alone takes {own:.2f}s)"
     assert len(errors) >= 2 and set(errors) == {sqlite3.OperationalError}, "held 4 s: two waits of 1.5 s failed"
 
 

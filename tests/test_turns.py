@@ -174,28 +174,55 @@ def test_a_transcript_that_stops_on_a_dangling_word_is_unfinished_whatever_the_m
 @pytest.mark.parametrize("text, dangles", [
     ("I'd like to book a table for", True), ("My account number is", True), ("I was wondering if,", True),
     ("so um", True), ("and then...", True), ("What are your opening hours?", False), ("Thank you.", False),
-    ("I'd like to book a table for four.", False), ("", False), ("Go on", False),
+    ("I'd like to book a table for four.", False), ("", False), ("Go on", False), ("Than he was.", False),
 ])
 def test_unfinished(text, dangles):
     assert unfinished(text) is dangles
 
 
-def test_incomplete_waits_and_speech_resuming_is_one_turn():
-    h = Harness(probability=0.1)
+def test_unfinished_by_the_model_alone_ends_at_the_fixed_silence():
+    h = Harness(probability=0.1, stt_delay=0.05)
+    h.say(1.0)
+    assert h.waited() == pytest.approx(0.6, abs=0.03), "never later than turn = silence would end it"
+    assert len(h.stt.finals) == 1, "the speculative transcript is the turn's"
+    assert h.caller_turns() == ["what are your opening hours"]
+
+
+def test_a_short_utterance_is_left_to_the_fixed_silence_without_asking_the_model():
+    h = Harness(probability=0.9, stt_delay=0.05)
+    h.say(0.5)  # "Yes," (and perhaps "that's right" after a comma's pause): under MIN_VOICED
+    assert h.waited() == pytest.approx(0.6, abs=0.03)
+    assert h.model.asked == [] and len(h.stt.finals) == 1, "transcribed at the pause all the same"
+
+
+def test_a_short_utterance_that_dangles_is_held():
+    h = Harness(probability=0.9, stt_delay=0.05)
+    h.stt.text = "um"
+    h.say(0.5)
+    h.wait(1.5)
+    assert h.state == "hearing" and h.model.asked == []
+
+
+@pytest.mark.parametrize("stt_delay", [0.05, 0.3], ids=["transcript-first", "model-first"])
+def test_a_dangling_transcript_holds_the_turn_and_speech_resuming_is_one_turn(stt_delay):
+    h = Harness(probability=0.1, stt_delay=stt_delay)
+    h.stt.text = "I'd like to book a table for"
     h.say(0.8)
-    h.wait(1.0)  # past the pause and past today's fixed 600 ms: the model said unfinished, still listening
+    h.wait(1.5)  # past the pause and past the fixed 600 ms: the words go on, still listening
     assert h.state == "hearing" and len(h.model.asked) == 1
+    h.stt.text = "I'd like to book a table for four people"
     h.say(0.6)  # "... four people"
     h.wait(0.2)
     assert len(h.model.asked) == 2, "asked again at the next pause"
     assert len(h.stt.finals) == 2, "the first transcript was dropped: the whole utterance is transcribed again"
     assert h.state == "hearing"
     h.until("speaking", limit=3.0)
-    assert h.caller_turns() == ["what are your opening hours"], "one turn, not two"
+    assert h.caller_turns() == ["I'd like to book a table for four people"], "one turn, not two"
 
 
 def test_the_maximum_pause_ends_an_unfinished_turn_anyway():
-    h = Harness(probability=0.1)
+    h = Harness(probability=0.1, stt_delay=0.05)
+    h.stt.text = "My account number is"
     h.say(1.0)
     assert h.waited() == pytest.approx(2.5, abs=0.03)
     (lat,) = h.call.report.latencies
@@ -247,6 +274,7 @@ def test_speech_resuming_cancels_the_speculative_transcription_and_brain_request
 
 def test_a_speculative_brain_reply_is_spoken_only_once_the_turn_has_ended():
     h = Harness(probability=0.1, brain=lambda clock: StreamingBrain(clock, delay=0.5), stt_delay=0.05)
+    h.stt.text = "I'd like to book a table for"  # held open to the maximum pause
     brain = h.brain
     h.say(1.0)
     before = len(h.out.events)
@@ -265,7 +293,7 @@ def test_a_speculative_brain_reply_is_spoken_only_once_the_turn_has_ended():
 def test_the_scripted_brain_is_never_asked_early():
     h = Harness(probability=0.1, stt_delay=0.05)
     h.say(1.0)
-    h.wait(1.0)
+    h.wait(0.4)  # transcribed, the model said unfinished: the turn ends at 0.6 s
     assert h.call.core.turns.speculation is not None and h.call.core.turns.speculation.reply is None
 
 

@@ -180,6 +180,11 @@ class Endpointer:
         self._until = min(self._until, max(1, round(silence * 1000 / FRAME_MS)))
         return self._close(forced=False) if self._silent >= self._until else None
 
+    def hold(self) -> None:
+        """Undo ``end_after``: the utterance in progress ends after
+        ``end_silence`` again (a transcript that stops mid-sentence)."""
+        self._until = self._end_frames
+
     def _close(self, forced: bool) -> object:
         voiced = self.voiced_seconds
         pcm = bytes(self._utterance)

@@ -5,8 +5,11 @@ Builds a set of caller utterances:
 - *hesitant*: a sentence with a 400-900 ms pause spliced in where it is
   clearly unfinished ("I'd like to book a table for ... four people."). The
   whole sentence is spoken, then cut at the word boundary (found by Whisper's
-  word timestamps, at the quietest 20 ms between the two words), so the
-  words before the pause keep the intonation of a sentence going on;
+  word timestamps, at the quietest 20 ms between the two words, moved back
+  until the prefix and 300 ms of noise are transcribed as exactly the words
+  before the pause: no onset of the next word is left in it; a sentence
+  where no such cut is found is left out, and counted), so the words
+  before the pause keep the intonation of a sentence going on;
 - *complete*: the same sentences whole, and a few short complete ones.
 
 Voices: the shipped piper voice at three speaking rates, espeak-ng at three
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -128,6 +132,38 @@ def cut_point(x: np.ndarray, words: list, k: int) -> int | None:
     return lo + 40 * int(np.argmin(energy)) + 160
 
 
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def checked_cut(x: np.ndarray, words: list, k: int, before: str, transcribe, floor_dbfs: float,
+                seed: int) -> int | None:
+    """A cut after word k-1 whose prefix holds exactly the words before the
+    pause: Whisper's word times are off by tens of milliseconds, and a cut
+    that keeps the onset of the next word ("for f|our", "to Ch|icago")
+    makes a clip that is not what it claims (the prefix is heard as "...
+    for four.", "... to Sh-"). From the quietest point, the cut moves back
+    in 20 ms steps (up to 300 ms, never into word k-1) until the prefix,
+    followed by 300 ms of the clip's noise (what the end-of-turn decision
+    hears), is transcribed as exactly the words before the pause (a
+    trailing "..." or "-" allowed); None when no such cut is found (the
+    clip is left out, and counted)."""
+    cut = cut_point(x, words, k)
+    if cut is None:
+        return None
+    want = _words(before)
+    floor = int(words[k - 1].start * RATE) if words[k - 1].start is not None else 0
+    tail = noise(0.3, floor_dbfs, seed)
+    for step in range(16):
+        at = cut - step * 320
+        if at <= floor:
+            break
+        heard = _words(transcribe(np.concatenate([x[:at], tail])))
+        if len(heard) == len(want) and heard[-1] == want[-1]:
+            return at
+    return None
+
+
 def assemble(name: str, x: np.ndarray, floor: float, seed: int, cut: int | None = None, pause: float = 0.0) -> Clip:
     lead = noise(0.5, floor, seed)
     if cut is not None:
@@ -154,6 +190,11 @@ def build_set(real: bool) -> tuple[list[Clip], dict]:
                                          condition_on_previous_text=False, vad_filter=False)
         return [w for s in segments for w in (s.words or [])]
 
+    def text_of(x: np.ndarray) -> str:
+        segments, _ = whisper.transcribe(x / 32768.0, language="en", beam_size=1, condition_on_previous_text=False,
+                                         without_timestamps=True, vad_filter=False)
+        return " ".join(s.text for s in segments)
+
     ctx = EngineContext(pool=SynchronousPool(), clock=None)
     voices = []
     piper = get_factory("tts", "piper")
@@ -173,7 +214,7 @@ def build_set(real: bool) -> tuple[list[Clip], dict]:
             seed += 10
             x = audio.to_int16(say(f"{first} {rest}")).astype(np.float32)
             clips.append(assemble(f"{voice}: {first} {rest}", x, -60.0, seed))
-            cut = cut_point(x, words_of(x), len(first.split()))
+            cut = checked_cut(x, words_of(x), len(first.split()), first, text_of, -60.0, seed + 7)
             if cut is None:
                 skipped += 1
                 continue
@@ -199,7 +240,7 @@ def build_set(real: bool) -> tuple[list[Clip], dict]:
                 k = REAL_CUTS.get(utt["text"])
                 if k is None:
                     continue
-                cut = cut_point(x, words_of(x), k)
+                cut = checked_cut(x, words_of(x), k, " ".join(utt["text"].split()[:k]), text_of, floor, seed + 7)
                 if cut is None:
                     skipped += 1
                     continue
@@ -348,6 +389,8 @@ def main() -> None:
                 print(f"  early: {clip.name} (ended {end:.2f}s, speech to {clip.speech_end:.2f}s)")
             if not early and end is not None:
                 waits.append(end - clip.speech_end)
+                if args.verbose and end - clip.speech_end > 1.0:
+                    print(f"  waited {end - clip.speech_end:.2f}s: {clip.name}")
                 heard.append(known - clip.speech_end)
                 maxed += end - clip.speech_end > policy.turn_max_pause - 0.1 and policy.turn == "smart"
         inference = f", model {percentile(pool.times, 50) * 1000:.0f} ms p50" if pool.times else ""

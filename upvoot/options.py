@@ -158,7 +158,7 @@ AGENT: dict[str, Option] = {
     "closing_no_points": _text("I'm sorry, your account has run out of points. Goodbye.", MAX_SPOKEN),
     "max_failures": _int("3", 1, 100),
     "end_of_turn": _duration("600ms", 0.1, 5.0),
-    "turn": Option(lambda text: _one_of(text, ("smart", "silence")), "silence"),
+    "turn": Option(lambda text: _one_of(text, ("smart", "silence")), "smart"),
     "turn_pause": _duration("200ms", 0.06, 2.0),
     "turn_max_pause": _duration("2500ms", 0.2, 10.0),
     "min_utterance": _duration("250ms", 0.02, 5.0),

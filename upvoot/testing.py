@@ -141,6 +141,7 @@ def agent_config(**overrides) -> AgentConfig:
         wrap_up_before=60.0, closing_max_duration="Time is up goodbye", closing_max_turns="Enough turns goodbye",
         closing_silence="No answer goodbye", closing_error="Technical trouble goodbye", max_failures=3,
         closing_no_points="Out of points goodbye",
+        turn="silence",  # these agents have no end-of-turn model: a test of turn = smart asks for it
         end_of_turn=0.6, min_utterance=0.25, max_utterance=20.0, barge_in_min=0.3, interim_interval=0.4,
         provider="auto", dtmf_interrupts=True, agent_select="",
         points_per_increment=1, billing_increment=60.0, record=False,

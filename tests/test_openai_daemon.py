@@ -204,7 +204,9 @@ def test_a_call_with_the_openai_brain_barge_in_and_end_call_tool(daemon, chat):
         assert [t["function"]["name"] for t in first["tools"]] == ["end_call"]
         assert chat.wait_outcome(0) == "complete"
         heard = transcribe(bytes(c.audio[start:]))
-        for word in ("open", "morning", "afternoon"):
+        # tiny.en sometimes hears piper's "open" as "hope in" (piper's noise makes each synthesis differ)
+        assert "open" in heard or "hope" in heard, heard
+        for word in ("morning", "afternoon"):
             assert word in heard, heard
         assert ("nine" in heard or "9" in heard) and ("five" in heard or "5" in heard), heard
 

@@ -133,7 +133,11 @@ def _write_version(cursor: Any, dialect: Dialect, version: int) -> None:
         cursor.execute(f"PRAGMA user_version = {int(version)}")
 
 
-def _in_transaction(conn: Any, dialect: Dialect, fn: Any, *args: Any) -> Any:
+def _in_transaction(conn: Any, dialect: Dialect, fn: Any, *args: Any, begin: str | None = None) -> Any:
+    """``fn(cursor, dialect, *args)`` in one transaction (``begin``: the
+    statement that opens it, else the driver's own), committed or rolled back."""
+    if begin is not None:
+        conn.execute(begin)
     cursor = dialect.cursor(conn)
     try:
         result = fn(cursor, dialect, *args)
@@ -168,19 +172,9 @@ def _migrate(cursor: Any, dialect: Dialect, only_empty: bool) -> tuple[int, int]
 
 
 def _run_migration(conn: Any, dialect: Dialect, only_empty: bool) -> tuple[int, int]:
-    if dialect is POSTGRESQL:
-        return _in_transaction(conn, dialect, _migrate, only_empty)
-    conn.execute("BEGIN IMMEDIATE")  # the write lock first: two processes never migrate at once
-    cursor = conn.cursor()
-    try:
-        result = _migrate(cursor, dialect, only_empty)
-        conn.commit()
-        return result
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        cursor.close()
+    # SQLite: the write lock first, so two processes never migrate at once
+    begin = None if dialect is POSTGRESQL else "BEGIN IMMEDIATE"
+    return _in_transaction(conn, dialect, _migrate, only_empty, begin=begin)
 
 
 def ensure(conn: Any, dialect: Dialect, database: str) -> int:

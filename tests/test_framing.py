@@ -967,11 +967,13 @@ def test_exotel_min_lead_follows_its_chunk_once_started():
 
 
 def test_the_provider_base_lives_in_provider_py_and_convert_is_audio_only():
-    from upvoot.framing import convert, provider
+    from upvoot.framing import convert, outbox, provider
 
+    assert provider.ProviderFraming.__module__ == "upvoot.framing.provider"
     for name in ("ProviderFraming", "MarkBook", "Backlog"):
-        assert getattr(provider, name).__module__ == "upvoot.framing.provider"
         assert not hasattr(convert, name)
+    for name in ("MarkBook", "Backlog"):
+        assert getattr(outbox, name).__module__ == "upvoot.framing.outbox"
     for helper in ("load_object", "pick", "text", "integer", "b64decode", "json_frame", "string_dict", "rate_param"):
         assert not hasattr(convert, helper)
     for cls in (ExotelFraming, TwilioFraming, PlivoFraming, TelnyxFraming, VonageFraming):

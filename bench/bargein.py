@@ -44,7 +44,8 @@ message: t0 is not when ``play`` was called):
             once (only trailing zero padding may differ). Raw and 16 kHz are
             compared bit for bit; 8 kHz within +-4 LSB, since two
             uninterrupted 8 kHz calls already differ by up to 2 LSB (the
-            daemon's soxr stream resampler). Calls where it did not are
+            daemon's soxr stream resampler; the resent audio is resampled
+            again, after a prime with the heard audio before it). Calls where it did not are
             counted, with where they first differ and by how much the rest
             is shifted (audio doubled/inserted or lost).
 
@@ -261,8 +262,15 @@ def story_call(daemon: Daemon, key: str, framing: str, cough: bool, cough_after:
 # ---- figures ----------------------------------------------------------------------------------
 
 
-def samples(wire: bytes) -> np.ndarray:
-    wire = wire.rstrip(b"\0")
+def samples(wire: bytes, tol: int = 0) -> np.ndarray:
+    """The wire's s16le samples. Compared exactly (``tol`` 0), without the
+    trailing zero padding; compared within ``tol`` (8 kHz), whole: the
+    reply's quiet tail is a few LSB of noise that two resampled streams
+    round differently, so no trim finds the same end in both, and the same
+    number of samples makes the same padded chunks (a sample lost or said
+    twice still shows, as a shift of what follows)."""
+    if tol == 0:
+        wire = wire.rstrip(b"\0")
     return np.frombuffer(wire[: len(wire) // 2 * 2], dtype="<i2").astype(np.int32)
 
 
@@ -279,6 +287,11 @@ def diff_note(heard: np.ndarray, ref: np.ndarray, rate: int, tol: int) -> str:
     bad = np.nonzero(np.abs(heard[:n] - ref[:n]) > tol)[0]
     seam = int(bad[0]) if len(bad) else n
     note = f"heard {len(heard) / rate:.3f} s vs reference {len(ref) / rate:.3f} s; first difference at {seam / rate:.3f} s"
+    if len(bad):
+        places = np.split(bad, np.flatnonzero(np.diff(bad) > rate // 200) + 1)  # 5 ms apart: another place
+        note += "; differing at " + ", ".join(
+            f"{c[0] / rate:.3f} s ({len(c)} samples over {1000 * (c[-1] - c[0] + 1) / rate:.1f} ms, "
+            f"up to {int(np.abs(heard[c] - ref[c]).max())} LSB)" for c in places[:6])
     skip, width, most = rate // 2, rate // 2, rate // 2  # look 0.5 s past the seam, 0.5 s of it, lags up to 0.5 s
     if seam + skip + width > len(ref):
         return note
@@ -294,6 +307,8 @@ def diff_note(heard: np.ndarray, ref: np.ndarray, rate: int, tol: int) -> str:
     if best is None or best[1] > tol:
         return note + "; what follows matches the reference at no shift within 0.5 s"
     lag = best[0]
+    if lag == 0:
+        return note + "; what follows is the reference, unshifted"
     what = "extra audio heard (doubled or inserted)" if lag > 0 else "audio lost"
     note += f"; after it the reply is the reference shifted by {lag} samples ({1000 * lag / rate:+.0f} ms: {what})"
     if lag > 0:
@@ -316,17 +331,17 @@ def run_framing(daemon: Daemon, key: str, framing: str, n: int, verbose: bool) -
     if "error" in ref or not ref["wire"]:
         print(f"[{framing}] reference call failed: {ref.get('error')}")
         return {"framing": framing, "error": "no reference"}
-    reference = samples(ref["wire"])
     tol = TOLERANCE.get(framing, 0)
+    reference = samples(ref["wire"], tol)
     print(f"[{framing}] reference: {ref['heard_seconds']:.2f} s of reply, {ref['clears']} clears"
           f"{', violations ' + str(ref['violations']) if ref['violations'] else ''}", flush=True)
     rows = []
     for i in range(n):
         # the cough lands at another point of the reply each call (another phase of its chunks)
         r = story_call(daemon, key, framing, cough=True, cough_after=COUGH_AFTER + (i * 0.37) % COUGH_SPREAD)
-        r["lossless"] = same(samples(r["wire"]), reference, tol) if "error" not in r else None
+        r["lossless"] = same(samples(r["wire"], tol), reference, tol) if "error" not in r else None
         if r["lossless"] is False:
-            r["diff"] = diff_note(samples(r["wire"]), reference, r["rate"], tol)
+            r["diff"] = diff_note(samples(r["wire"], tol), reference, r["rate"], tol)
         rec = r.get("record") or {}
         r["barge_ins"], r["resumed"] = rec.get("barge_ins"), rec.get("barge_ins_resumed")
         rows.append(r)

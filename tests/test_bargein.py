@@ -4,6 +4,10 @@ acknowledged), and backchannels that do not interrupt the agent."""
 
 from __future__ import annotations
 
+import base64
+import json
+
+import numpy as np
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -11,6 +15,10 @@ from twisted.internet.task import Clock
 from upvoot.audio import BYTES_PER_SECOND, FRAME_BYTES
 from upvoot.call import Pacer, new_call, state_of
 from upvoot.call.bargein import Backchannels, normalize
+from upvoot.daemon.line import FramingLine
+from upvoot.dial import AgentAudio, Cleared, make_sim
+from upvoot.framing.base import PlayoutMark
+from upvoot.framing.exotel import ExotelFraming
 from upvoot.testing import QueueSTT, RecordingOutput, ToneTTS, agent_config, make_agent, quiet, speech
 
 STEP = 0.02
@@ -270,3 +278,106 @@ def test_the_backchannels_option_is_a_list_of_short_phrases(tmp_path):
     ini.write_text("[upvoot]\n[agent:a]\nbackchannels = yeah, this is far too long a phrase\n")
     with pytest.raises(ConfigError, match=r"\[agent:a\].*backchannels"):
         load_config(str(ini))
+
+
+# ---- the same over the real Exotel codec at 8 kHz ------------------------------------------
+
+
+class ExotelLine(FramingLine):
+    """The call's real ``FramingLine`` over the real ``ExotelFraming`` at
+    8 kHz, wired on the clock to the Exotel simulator of ``upvoot.dial``
+    (chunks play in real time from arrival; marks are echoed once the audio
+    before them has played; a clear lets the playing 200 ms chunk finish
+    and drops the rest). Keeps each media payload (8 kHz s16le) with the
+    time it starts playing, and the clear times."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.call = None
+        self.sim = make_sim("exotel", sample_rate=8000)
+        self.chunks: list[tuple[float, bytes]] = []  # (plays_at, payload), in arrival order
+        self.clears: list[float] = []
+        self.cuts: list[tuple[int, float]] = []  # (chunks received before it, where the ear stops) per clear
+        self.starts: list[int] = []  # number of chunks at each audio_start
+        super().__init__(ExotelFraming(), self._to_sim, lambda code, reason: None)
+        for frame in self.sim.open():
+            self._from_sim(frame)
+
+    def _to_sim(self, frames) -> None:
+        now = self.clock.seconds()
+        for frame in frames:
+            msg = json.loads(frame.payload)
+            for event in self.sim.receive_text(frame.payload, now):
+                if isinstance(event, AgentAudio):
+                    self.chunks.append((event.plays_at, base64.b64decode(msg["media"]["payload"])))
+                elif isinstance(event, Cleared):
+                    self.clears.append(now)
+
+    def _from_sim(self, frame) -> None:
+        for event in self.framing.receive_text(frame.payload):
+            if isinstance(event, PlayoutMark) and self.call is not None:
+                self.call.playout_acknowledged(event.name, event.cleared)
+        self.send(self.framing.drain())
+
+    def audio_start(self) -> None:
+        self.starts.append(len(self.chunks))
+        super().audio_start()
+
+    def tick(self) -> None:
+        for frame in self.sim.poll(self.clock.seconds()):
+            self._from_sim(frame)
+
+    def clear(self) -> None:
+        now = self.clock.seconds()
+        playing = [p + len(c) / 16000 for p, c in self.chunks if p <= now < p + len(c) / 16000]
+        self.cuts.append((len(self.chunks), playing[0] if playing else now))
+        super().clear()
+
+    def ear(self, since: int) -> bytes:
+        """What the caller heard of the chunks from ``since`` on: a clear lets
+        the chunk playing at that moment finish and drops the chunks that
+        had arrived and would have played after it."""
+        heard = []
+        for i, (plays_at, payload) in enumerate(self.chunks):
+            clear = next(((n, cut) for n, cut in self.cuts if i < n), None)  # the first clear after it came
+            if i >= since and (clear is None or plays_at < clear[1] - 1e-6):
+                heard.append((plays_at, payload))
+        return b"".join(c for _, c in sorted(heard, key=lambda x: x[0]))
+
+
+def _samples(payload: bytes) -> np.ndarray:
+    payload = payload.rstrip(b"\0")
+    return np.frombuffer(payload[: len(payload) // 2 * 2], dtype="<i2").astype(np.int32)
+
+
+def test_over_exotel_8khz_a_resume_from_the_last_echoed_mark_says_nothing_twice():
+    """Exotel's 200 ms chunks at 8 kHz: each mark falls at a chunk's end, so
+    the mark echoed after the clear (the playing chunk finished) is exactly
+    where the caller's ear stopped, and the resume holds every sample once."""
+    ref = Harness(ExotelLine)
+    ref.to_reply()
+    first = ref.out.starts[-1]
+    ref.until("listening")
+    expected = _samples(ref.out.ear(first))
+    assert ref.out.clears == [] and ref.out.sim.violations == []
+    for after in (1.03, 1.11, 1.27):  # the onset at other phases of the 200 ms chunk grid
+        h = Harness(ExotelLine)
+        h.to_reply()
+        first = h.out.starts[-1]
+        h.wait(after)
+        h.wait(0.06, speech(0.06))
+        assert h.state == "paused" and len(h.out.clears) == 1
+        h.wait(0.5)  # the playing chunk finishes; its mark comes back
+        playback = h.call.core.reply.playback
+        heard = h.out.ear(first)
+        assert playback.acked == 2 * len(heard), "acknowledged = heard, to the byte (16 kHz vs 8 kHz)"
+        h.until("speaking", limit=2.0)
+        assert h.report.barge_ins == 0 and h.report.barge_ins_resumed == 1
+        h.until("listening")
+        assert h.out.sim.violations == []
+        got = _samples(h.out.ear(first))
+        assert len(got) == len(expected), f"onset at +{after}s: {len(got) - len(expected)} samples more than the reply"
+        # the resent audio is resampled again, after a prime with the 40 ms heard before it: the
+        # seam is seamless (a fresh resampler's start differed by up to 2,600 LSB for ~6 ms); two
+        # uninterrupted 8 kHz streams differ by 2 LSB (soxr's blocks)
+        assert int(np.abs(got - expected).max()) <= 4, after

@@ -27,6 +27,7 @@ from upvoot.framing.base import (
     PlayoutMark,
     ProtocolError,
 )
+from upvoot.framing import convert
 from upvoot.framing.convert import Chunker, Decoder, Encoder, Outbound
 from upvoot.framing.negotiate import detect, make_framing
 from upvoot.framing.exotel import ExotelFraming
@@ -364,6 +365,31 @@ def test_outbound_holds_marks_until_their_audio_is_out():
     assert sent_before >= 800 * 2  # every sample of the first 100 ms went out first
     items = out.mark("b") + out.end()
     assert items[-1] == "b" and all(len(x) % 320 == 0 for x in items if isinstance(x, bytes))
+
+
+@pytest.mark.parametrize("rate,codec", [(8000, "s16le"), (8000, "mulaw"), (24000, "s16le")])
+def test_a_primed_outbound_encodes_a_resume_as_the_uninterrupted_stream(rate, codec):
+    rng = np.random.default_rng(7)
+    pcm = (rng.normal(0, 3000, 16000) + 8000 * np.sin(np.arange(16000) / 5)).astype("<i2").tobytes()  # 1 s
+    chunk = rate // 10 * (2 if codec == "s16le" else 1)
+    whole = Outbound(codec, rate, Chunker(chunk))
+    stream = b"".join(x for x in whole.push(pcm) + whole.end() if isinstance(x, bytes))
+    at = 12800  # the resume point: 400 ms in, 16 kHz bytes
+    out_at = at // 2 * rate // 16000 * (2 if codec == "s16le" else 1)
+    for prime in (True, False):
+        out = Outbound(codec, rate, Chunker(chunk))
+        out.push(pcm[:at + 4000])
+        assert out.drop() == []
+        if prime:
+            out.prime(pcm[at - 1280:at])  # the 40 ms heard before the resume point
+        resumed = b"".join(x for x in out.push(pcm[at:]) + out.end() if isinstance(x, bytes))
+        assert len(resumed) == len(stream) - out_at, "the prime sends nothing and takes no place"
+        a, b = convert.decode(stream[out_at:], codec), convert.decode(resumed, codec)
+        worst = int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+        if prime:
+            assert worst <= (4 if codec == "s16le" else 300), worst  # mu-law: a step of its coarse scale
+        else:
+            assert worst > 500, "an unprimed resampler's start differs (what the prime is for)"
 
 
 # ---- round trip of a tone through each codec --------------------------------------
@@ -964,6 +990,19 @@ def test_exotel_min_lead_follows_its_chunk_once_started():
     assert ExotelFraming().min_lead == 0.0
     codec = spec.started()
     assert codec.min_lead == pytest.approx(3200 / 16000 + 0.05)  # 200 ms chunk at 8 kHz + resampler block
+
+
+def test_marks_fall_on_whole_outbound_chunks_of_at_least_100ms():
+    # bytes of 16 kHz audio: Exotel's 3,200-byte minimum is 200 ms at 8 kHz, 100 ms at 16 and 24 kHz
+    for rate, every in ((8000, 6400), (16000, 3200), (24000, 3200)):
+        codec = ExotelFraming()
+        codec.receive_text(json.dumps({"event": "start", "stream_sid": "s", "start": {
+            "stream_sid": "s", "media_format": {"encoding": "audio/x-raw", "sample_rate": str(rate)}}}))
+        assert codec.mark_every == every, rate
+    assert ExotelFraming().mark_every == 3200, "before start: the contract's default"
+    for name, make in ALL_CODECS:
+        codec = make()
+        assert isinstance(codec.mark_every, int) and codec.mark_every >= 3200 and codec.mark_every % 640 == 0, name
 
 
 def test_the_provider_base_lives_in_provider_py_and_convert_is_audio_only():

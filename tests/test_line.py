@@ -18,6 +18,7 @@ class Tagging:
     name = "tagging"
     acknowledges_playout = True
     min_lead = 0.25
+    mark_every = 6400
 
     def __init__(self) -> None:
         self.pending_drain = [Frame("drained")]
@@ -83,10 +84,10 @@ def line_over(framing):
 def test_it_provides_iline_and_takes_the_framing_s_playout_facts():
     line, _ = line_over(Tagging())
     assert verifyObject(ILine, line)
-    assert line.acknowledges_playout is True and line.min_lead == 0.25
+    assert line.acknowledges_playout is True and line.min_lead == 0.25 and line.mark_every == 6400
     raw, _ = line_over(RawFraming())
     assert verifyObject(ILine, raw)
-    assert raw.acknowledges_playout is False and raw.min_lead == 0.0
+    assert raw.acknowledges_playout is False and raw.min_lead == 0.0 and raw.mark_every == 3200
 
 
 def test_every_call_becomes_the_framing_s_frames_in_order():

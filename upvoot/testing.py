@@ -84,9 +84,11 @@ class RecordingOutput:
     acknowledges no playout (the raw protocol); ``acknowledges_playout=True``
     makes it a provider's line, whose marks are recorded as ``("mark", name, last)``."""
 
-    def __init__(self, acknowledges_playout: bool = False, min_lead: float = 0.0) -> None:
+    def __init__(self, acknowledges_playout: bool = False, min_lead: float = 0.0, mark_every: int = 3200) -> None:
         self.acknowledges_playout = acknowledges_playout
         self.min_lead = min_lead
+        self.mark_every = mark_every
+        self.primed: list[bytes] = []  # what each resume primed the line with
         self.events: list[tuple] = []
         self.audio_bytes = 0
         self.closed = False
@@ -117,6 +119,9 @@ class RecordingOutput:
 
     def clear(self) -> None:
         self.events.append(("clear",))
+
+    def prime(self, pcm: bytes) -> None:
+        self.primed.append(bytes(pcm))
 
     def close(self) -> None:
         self.closed = True

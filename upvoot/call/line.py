@@ -20,6 +20,10 @@ class ILine(Interface):
     min_lead = Attribute(
         "float, seconds: the least audio to keep ahead of the caller's ear "
         "(a provider's minimum chunk size); 0.0 when the line has none")
+    mark_every = Attribute(
+        "int, bytes of 16 kHz s16le audio between playout marks: whole provider chunks of at "
+        "least 100 ms, counted from the start of a playback (or of its resume), so a mark falls "
+        "at a chunk's end and an acknowledged mark is exactly where the caller's ear is")
 
     def audio_start() -> None:
         """The agent starts speaking."""
@@ -38,6 +42,12 @@ class ILine(Interface):
 
     def clear() -> None:
         """Drop agent audio the far end has buffered but not yet played."""
+
+    def prime(pcm: bytes) -> None:
+        """After ``clear``, before the audio of a resume: ``pcm`` is what the
+        caller heard just before it (16 kHz s16le). A line that resamples
+        fills its filter with it, so the resumed audio joins seamlessly;
+        nothing of it is sent."""
 
     def transcript(role: str, text: str) -> None:
         """A final transcript line (``role``: ``caller`` or ``agent``)."""

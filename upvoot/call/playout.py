@@ -23,7 +23,9 @@ at real time; if we fall behind (synthesis slower than real time), it plays
 silence and resumes when audio arrives. ``played`` is our estimate of the
 byte position at the caller's ear; ``sent`` is what we have written. Where
 the line acknowledges playout, a playback asks for a mark every
-``MARK_EVERY`` bytes and at its end, and the marks that come back
+``line.mark_every`` bytes (whole provider chunks, counted from its start or
+its resume, so each mark falls at a chunk's end) and at its end, and the
+marks that come back
 (``MarkLedger.acknowledged``) are the clock of what was heard; for the raw
 protocol our estimate is the truth.
 
@@ -70,11 +72,13 @@ class Playback:
     with it.
     """
 
-    # bytes (100 ms) between playout marks: a provider chunk (Exotel's 3,200
-    # bytes) each, so the last acknowledged mark after a clear is where the
-    # caller's ear stopped, and a resume says nothing twice
+    # bytes (100 ms) between playout marks where the line names no step
+    # (``ILine.mark_every``: whole provider chunks, so the last mark
+    # acknowledged after a clear is where the caller's ear stopped, and a
+    # resume says nothing twice)
     MARK_EVERY = 3200
     MARK_GRACE = 1.5  # seconds past the estimate before a missing mark is given up on
+    PRIME_BYTES = 1280  # heard audio kept to prime the line's resampler at a resume (40 ms)
 
     def __init__(
         self,
@@ -90,9 +94,11 @@ class Playback:
         self._on_sent = on_sent
         self.acked = 0
         self._unacked = bytearray()  # audio sent and not yet acknowledged: bytes acked..sent
+        self._heard_tail = bytearray()  # the last PRIME_BYTES acknowledged (heard)
         self.cleared = False  # the line was told to drop what it held (the pause's clear)
         self.on_first_ack: Callable[[float], None] | None = None
         self._last_mark = 0
+        self._origin = 0  # where the line's chunk grid starts: 0, or the acknowledged byte of a resume
         self._estimate_done_at: float | None = None
         self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
         self._on_played = on_played
@@ -142,8 +148,11 @@ class Playback:
         self._last = now
         if not self.paused:
             while self._buffer and self.sent - self.played < self._lead_bytes:
-                frame = bytes(self._buffer[:FRAME_BYTES])
-                del self._buffer[:FRAME_BYTES]
+                size = FRAME_BYTES
+                if self._marks is not None and self._next_mark() > self.sent:
+                    size = min(size, self._next_mark() - self.sent)  # a frame never straddles a mark
+                frame = bytes(self._buffer[:size])
+                del self._buffer[:size]
                 self.sent += len(frame)
                 if self._marks is not None:
                     self._unacked += frame
@@ -152,15 +161,29 @@ class Playback:
                     # counted in ``sent`` already: what is queued ahead of it plays first
                     self._on_sent(frame, max(0.0, (self.sent - len(frame) - self.played) / BYTES_PER_SECOND))
                 self._line.audio(frame)
+                if self._marks is not None and self.sent == self._next_mark() and self._buffer:
+                    self._mark(last=False)
         if self._marks is not None and self.sent > self._last_mark and not self.cleared:
-            last = self.finished and not self._buffer
-            if last or self.sent - self._last_mark >= self.MARK_EVERY:
-                self._last_mark = self.sent
-                self._marks.mark(self, self.sent, last)
+            if self.finished and not self._buffer:
+                self._mark(last=True)
+            elif self.sent >= self._next_mark():  # (a step that shrank meanwhile)
+                self._mark(last=False)
         if self.finished and not self._buffer and not self.paused and self._played_all(now):
             self.done = True
             self._detach()
             self._on_played()
+
+    def _next_mark(self) -> int:
+        """The byte position of the next mark: the next whole step of the
+        line's chunk grid after the last mark, counted from the origin."""
+        step = max(2, int(getattr(self._line, "mark_every", self.MARK_EVERY)) // 2 * 2)
+        base = max(self._last_mark, self._origin)
+        return self._origin + ((base - self._origin) // step + 1) * step
+
+    def _mark(self, last: bool) -> None:
+        assert self._marks is not None
+        self._last_mark = self.sent
+        self._marks.mark(self, self.sent, last)
 
     def _played_all(self, now: float) -> bool:
         if self.played < self.sent:
@@ -176,7 +199,10 @@ class Playback:
         """The line says audio up to byte ``position`` has played."""
         first = self.acked == 0 and position > 0
         if position > self.acked:
-            del self._unacked[: position - self.acked]
+            heard = position - self.acked
+            self._heard_tail += self._unacked[:heard]
+            del self._heard_tail[: max(0, len(self._heard_tail) - self.PRIME_BYTES)]
+            del self._unacked[:heard]
             self.acked = position
         if first and self.on_first_ack is not None:
             # when the caller started hearing it, by the line's clock
@@ -200,14 +226,18 @@ class Playback:
     def rewind(self) -> int:
         """After a clear: what was sent and not acknowledged goes back in
         front of the audio still to send, so it is sent again, in order;
-        the clocks go back to the last acknowledged byte. Returns the bytes
-        to send again."""
+        the clocks go back to the last acknowledged byte, and the line is
+        primed with the heard audio just before it (``ILine.prime``).
+        Returns the bytes to send again."""
         back = bytes(self._unacked)
         self._unacked.clear()
+        if self._heard_tail:
+            self._line.prime(bytes(self._heard_tail))  # the resent audio joins what was heard seamlessly
         self._buffer[:0] = back
         self.sent = self.acked
         self.played = min(self.played, float(self.acked))
         self._last_mark = min(self._last_mark, self.acked)
+        self._origin = self.acked  # the line drops its partial chunk at a clear: its grid restarts here
         self._estimate_done_at = None
         self.cleared = False
         return len(back)

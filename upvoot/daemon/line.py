@@ -42,6 +42,10 @@ class FramingLine:
     def min_lead(self) -> float:
         return float(self.framing.min_lead)
 
+    @property
+    def mark_every(self) -> int:
+        return int(self.framing.mark_every)
+
     def send(self, frames: Iterable[Frame]) -> None:
         if not self.closed:
             self._send(frames)
@@ -64,6 +68,9 @@ class FramingLine:
 
     def clear(self) -> None:
         self.send(self.framing.clear())
+
+    def prime(self, pcm: bytes) -> None:
+        self.send(self.framing.prime(pcm))
 
     def transcript(self, role: str, text: str) -> None:
         self.send(self.framing.transcript(role, text))

@@ -101,6 +101,11 @@ class Framing(Protocol):
     #: seconds of agent audio the pacer must hand over at once for the first
     #: chunk to leave at once (providers with large minimum chunks); 0.0 when none
     min_lead: float
+    #: bytes of internal 16 kHz audio between playout marks: whole provider
+    #: chunks, at least 100 ms, so each mark falls at a chunk's end and its
+    #: echo means "heard up to here", exactly (a provider's clear lets the
+    #: playing chunk finish). 3200 where no chunk is known.
+    mark_every: int
 
     def receive_text(self, text: str) -> list[Event]: ...
 
@@ -122,6 +127,13 @@ class Framing(Protocol):
         """All audio of the utterance has been handed over: frames held back
         (a partial chunk, the marks after it) must leave now; [] when nothing
         is held."""
+        ...
+
+    def prime(self, pcm: bytes) -> list[Frame]:
+        """After a clear, before a resume: ``pcm`` (16 kHz s16le) is the
+        audio just before the resumed audio, heard already; a codec that
+        resamples fills its filter with it, so the resumed audio is encoded
+        as in the uninterrupted stream. Nothing of it is sent."""
         ...
 
     def drain(self) -> list[Frame]:
@@ -148,6 +160,6 @@ class Framing(Protocol):
 
 #: every member of the contract, for checks
 FRAMING_MEMBERS = (
-    "name", "acknowledges_playout", "min_lead", "receive_text", "receive_binary", "audio_start", "audio",
-    "audio_end", "mark", "flush", "drain", "clear", "transcript", "interim", "turn_start", "event",
+    "name", "acknowledges_playout", "min_lead", "mark_every", "receive_text", "receive_binary", "audio_start", "audio",
+    "audio_end", "mark", "flush", "prime", "drain", "clear", "transcript", "interim", "turn_start", "event",
 )

@@ -218,6 +218,7 @@ class Outbound:
         self._pushed = 0  # 16 kHz samples in since the utterance began
         self._emitted = 0  # provider bytes out in chunks since then
         self._marks: list[tuple[int, str]] = []  # (emitted-bytes threshold, name)
+        self._skip = 0  # encoded bytes still to discard: the output of a prime
 
     @property
     def codec(self) -> str:
@@ -229,7 +230,26 @@ class Outbound:
 
     def push(self, pcm: bytes) -> list[bytes | str]:
         self._pushed += len(pcm) // 2
-        return self._emit(self.chunker.push(self.encoder.feed(pcm)))
+        return self._emit(self.chunker.push(self._unprimed(self.encoder.feed(pcm))))
+
+    def prime(self, pcm: bytes) -> None:
+        """Right after :meth:`drop`: ``pcm`` is the audio just before what
+        comes next (already heard). It fills the resampler's filter, so the
+        next audio is encoded as it was in the uninterrupted stream (a fresh
+        resampler's start differs for some ms, up to thousands of LSB); none
+        of it is sent. Nothing to do where the rate is 16 kHz."""
+        if self.rate == audio.RATE or self._pushed or self.chunker.pending:
+            return
+        pcm = pcm[len(pcm) % 2:]
+        self._skip = len(pcm) // 2 * self.rate // audio.RATE * self._bps
+        self._unprimed(self.encoder.feed(pcm))
+
+    def _unprimed(self, data: bytes) -> bytes:
+        if self._skip and data:
+            cut = min(self._skip, len(data))
+            self._skip -= cut
+            data = data[cut:]
+        return data
 
     def mark(self, name: str) -> list[bytes | str]:
         samples = -(-self._pushed * self.rate // audio.RATE)
@@ -252,7 +272,7 @@ class Outbound:
         self.chunker.reset()
         names = [name for _, name in self._marks]
         self._marks.clear()
-        self._pushed = self._emitted = 0
+        self._pushed = self._emitted = self._skip = 0
         return names
 
     def _emit(self, chunks: list[bytes]) -> list[bytes | str]:

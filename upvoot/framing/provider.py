@@ -97,6 +97,20 @@ class ProviderFraming(abc.ABC):
             return []
         return [ProtocolError(f"unknown {self.title} event {kind[:40]!r}")]
 
+    @property
+    def mark_every(self) -> int:
+        """Bytes of 16 kHz audio between marks: the fewest whole outbound
+        chunks that make at least 100 ms (Exotel 8 kHz: one 200 ms chunk,
+        6,400 bytes at 16 kHz; 20 ms chunks: five). A mark then falls at a
+        chunk's end: its echo after a clear (the playing chunk finishes)
+        is exactly where the caller's ear stopped, and a resume from it
+        says nothing twice."""
+        if self._out is None:
+            return 3200
+        chunk = self._out.chunker.size // bytes_per_sample(self._out.codec)  # provider samples
+        internal = -(-chunk * audio.RATE // self._out.rate) * 2  # bytes at 16 kHz
+        return -(-3200 // internal) * internal
+
     def _event_name(self, msg: dict) -> str | None:
         return text(msg.get("event"))
 
@@ -246,6 +260,13 @@ class ProviderFraming(abc.ABC):
             assert self._out is not None
             return self.drain() + self._send_dropped(self._out.drop())
         return self.drain() + self._do_end()
+
+    def prime(self, pcm: bytes) -> list[Frame]:
+        """After a clear, before a resume: the audio just before it (heard
+        already) primes the outbound resampler; nothing of it is sent."""
+        if self._started and self._out is not None:
+            self._out.prime(bytes(pcm))
+        return self.drain()
 
     def mark(self, name: str) -> list[Frame]:
         if not self._started:

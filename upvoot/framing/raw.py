@@ -56,6 +56,8 @@ class RawFraming:
     acknowledges_playout = False
     #: the raw protocol sends 20 ms frames as they come: no extra lead
     min_lead = 0.0
+    #: no marks on the raw protocol; the contract's default
+    mark_every = 3200
 
     def __init__(self) -> None:
         self._odd = b""
@@ -94,6 +96,9 @@ class RawFraming:
 
     def flush(self) -> list[Frame]:
         return []  # nothing is held back: audio leaves as it comes
+
+    def prime(self, pcm: bytes) -> list[Frame]:
+        return []  # no resampler: nothing to prime
 
     def drain(self) -> list[Frame]:
         return []  # receiving never makes frames due

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from upvoot.audio import FRAME_BYTES
 from upvoot.call import Pacer, new_call, state_of
-from upvoot.call.hearing import Ended, Endpointer, Onset, Paused, Resumed
+from upvoot.call.hearing import Ended, Endpointer, Onset, Paused, Quieted, Resumed
 from upvoot.call.turns import unfinished
 from upvoot.daemon.workers import WorkerPool
 from upvoot.engines.interfaces import EngineBusy, IEndOfTurn, ILanguageModel, ISpeechToText, ReplyText
@@ -84,12 +84,13 @@ class StreamingBrain:
 
 class Harness:
     def __init__(self, probability: float = 0.9, turn: str = "smart", brain=None, fail=None, model_delay=0.07,
-                 stt_delay=0.15):
+                 stt_delay=0.15, turn_transcribe_after=0.1):
         """``brain``: clock -> the agent's brain (default: the scripted one)."""
         self.clock = Clock()
         self.clock.advance(1000.0)
         self.out = RecordingOutput()
-        cfg = agent_config(turn=turn, turn_pause=0.2, turn_max_pause=2.5, interim_interval=0.0)
+        cfg = agent_config(turn=turn, turn_pause=0.2, turn_max_pause=2.5, interim_interval=0.0,
+                           turn_transcribe_after=turn_transcribe_after)
         self.stt = STT(self.clock, delay=stt_delay)
         self.agent = make_agent(cfg, stt=self.stt)
         self.model = self.agent.turn_model = Model(self.clock, probability, model_delay, fail)
@@ -152,11 +153,42 @@ def test_complete_ends_the_turn_at_the_short_silence_and_keeps_the_speculative_t
 
 
 def test_finished_waits_for_the_transcript_it_needs_anyway():
-    h = Harness(probability=0.9, stt_delay=0.15)
+    h = Harness(probability=0.9, stt_delay=0.3)
     h.say(1.0)
-    assert h.waited() == pytest.approx(0.2 + 0.15, abs=0.03), "the model said finished at 70 ms, the text came at 150"
+    # the transcription started at 100 ms of silence and took 300 ms; the model said finished at 270 ms
+    assert h.waited() == pytest.approx(0.1 + 0.3, abs=0.03)
     (lat,) = h.call.report.latencies
-    assert lat["transcription"] == 0 and lat["turn_model"] == pytest.approx(0.15, abs=0.03)
+    assert lat["transcription"] == 0 and lat["turn_model"] == pytest.approx(0.2, abs=0.03)
+
+
+def test_the_final_transcription_starts_at_the_quiet_before_the_model_is_asked():
+    h = Harness(probability=0.9, stt_delay=0.3)
+    h.say(1.0)
+    h.wait(0.12)
+    assert len(h.stt.finals) == 1 and h.model.asked == [], "transcribing from 100 ms of silence, not asked yet"
+    h.wait(0.1)
+    assert len(h.model.asked) == 1 and len(h.stt.finals) == 1, "the pause asks the model; no second transcription"
+    h.until("speaking", limit=1.0)
+    assert h.caller_turns() == ["what are your opening hours"] and len(h.stt.finals) == 1
+
+
+def test_speech_resuming_after_the_quiet_cancels_the_early_transcription_and_asks_nothing():
+    h = Harness(probability=0.9, stt_delay=0.3)
+    h.say(1.0)
+    h.wait(0.14)
+    h.say(0.3)  # the caller goes on before turn_pause
+    assert h.stt.cancelled == 1 and h.model.asked == []
+    assert h.call.core.turns.speculation is None
+    h.until("speaking", limit=2.0)
+    assert len(h.stt.finals) == 2 and len(h.model.asked) == 1
+
+
+def test_transcribe_after_equal_to_the_pause_starts_both_together():
+    h = Harness(probability=0.9, stt_delay=0.15, turn_transcribe_after=0.2)
+    h.say(1.0)
+    h.wait(0.16)
+    assert h.stt.finals == [] and h.model.asked == []
+    assert h.waited() == pytest.approx(0.2 + 0.15, abs=0.03)
 
 
 def test_a_transcript_that_stops_on_a_dangling_word_is_unfinished_whatever_the_model_says():
@@ -328,6 +360,19 @@ def test_the_endpointer_pauses_once_and_resumes_on_two_voiced_frames():
     assert kinds == [(1, "Onset"), (14, "Confirmed"), (29, "Paused"), (40, "Resumed")]
     assert isinstance(events[2][1], Paused) and events[2][1].voiced == pytest.approx(0.4)
     assert ep.in_speech
+
+
+def test_the_endpointer_quiets_before_it_pauses_and_resumes_from_either():
+    ep = Endpointer(2.5, 0.25, 20.0, 0.3, pause=0.2, discard_silence=0.6, quiet=0.1)
+    events = frames(ep, "x" * 20 + "." * 10)
+    assert [(i, type(e).__name__) for i, e in events] == [(1, "Onset"), (14, "Confirmed"), (24, "Quieted"),
+                                                          (29, "Paused")]
+    assert isinstance(events[2][1], Quieted) and len(events[2][1].pcm) < len(events[3][1].pcm)
+    assert ep.quiet
+    assert [type(e).__name__ for _, e in frames(ep, "xx")] == ["Resumed"] and not ep.quiet
+    events = frames(ep, "x" * 5 + "." * 6 + "x" + "." + "xx")  # a lone voiced frame in the quiet is a click
+    assert [(i, type(e).__name__) for i, e in events] == [(9, "Quieted"), (14, "Resumed")]
+    assert [type(e).__name__ for _, e in frames(ep, "." * 10)] == ["Quieted", "Paused"]
 
 
 def test_end_now_and_end_after():

@@ -93,6 +93,7 @@ class AgentConfig:
     backchannels: tuple[str, ...] = ()  # listener words that do not interrupt the agent (upvoot.call.bargein)
     turn: str = "smart"  # the turn policy, smart | silence (upvoot.call.turns)
     turn_pause: float = 0.2  # smart: the silence after which the end-of-turn model is asked
+    turn_transcribe_after: float = 0.1  # smart: the silence after which the final transcription starts (<= turn_pause)
     turn_max_pause: float = 2.5  # smart: the silence that ends a turn whose transcript dangles
 
     def fixed_lines(self) -> tuple[str, ...]:

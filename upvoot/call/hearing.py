@@ -20,8 +20,11 @@ and stops speaking. Sans-IO: feed it 20 ms frames, it returns events.
   (once per pause) with the audio so far: the turn may be over, the turn
   policy (``upvoot.call.turns``) asks the end-of-turn model and may end the
   turn at once (``end_now``) or sooner than ``end_silence`` (``end_after``).
-  Speech again after a pause (two voiced frames in a row; a lone voiced
-  frame is a click) is *resumed*.
+  With ``quiet`` (shorter than ``pause``), *quieted* comes first, after
+  ``quiet`` of silence, with the audio so far: the policy starts the final
+  transcription then, so it is (nearly) done when the model answers.
+  Speech again after a quiet or a pause (two voiced frames in a row; a lone
+  voiced frame is a click) is *resumed*.
 - ``max_utterance`` forces an end, so a caller (or a noisy line) can never
   hold the turn forever.
 """
@@ -62,6 +65,12 @@ class Paused:
 
 
 @attrs.frozen
+class Quieted:
+    pcm: bytes
+    voiced: float
+
+
+@attrs.frozen
 class Resumed:
     pass
 
@@ -84,12 +93,16 @@ class Endpointer:
         pre_roll: float = 0.2,
         pause: float = 0.0,
         discard_silence: float | None = None,
+        quiet: float = 0.0,
     ) -> None:
         self._end_frames = max(1, round(end_silence * 1000 / FRAME_MS))
         self._until = self._end_frames  # this utterance's end (end_after lowers it)
         self._discard_frames = max(1, round((end_silence if discard_silence is None else discard_silence)
                                             * 1000 / FRAME_MS))
         self._pause_frames = round(pause * 1000 / FRAME_MS)
+        # the quiet comes before the pause, or with it (then no Quieted of its own)
+        self._quiet_frames = min(round(quiet * 1000 / FRAME_MS), self._pause_frames) or self._pause_frames
+        self._quiet = False  # quieted (or paused): speech again is Resumed
         self._paused = False
         self._again = 0  # voiced frames in a row after a pause
         self._min_voiced = max(1, round(min_utterance * 1000 / FRAME_MS))
@@ -113,6 +126,12 @@ class Endpointer:
     def voiced_seconds(self) -> float:
         return self._voiced * FRAME_MS / 1000
 
+    @property
+    def quiet(self) -> bool:
+        """Quieted or paused, and no speech since: the final transcription
+        may be under way (interims need not decode the same audio)."""
+        return self._quiet
+
     def feed(self, frame: bytes, voiced: bool) -> list[object]:
         assert len(frame) == FRAME_BYTES
         events: list[object] = []
@@ -127,7 +146,7 @@ class Endpointer:
                 self._frames = self._run
                 self._silent = 0
                 self._confirmed = False
-                self._paused = False
+                self._paused = self._quiet = False
                 self._until = self._end_frames
                 events.append(Onset())
                 if self._voiced >= self._confirm:
@@ -139,10 +158,10 @@ class Endpointer:
         if voiced:
             self._voiced += 1
             self._again += 1
-            if not self._paused:
+            if not self._quiet:
                 self._silent = 0
             elif self._again >= 2:
-                self._paused = False
+                self._paused = self._quiet = False
                 self._silent = 0
                 self._until = self._end_frames
                 events.append(Resumed())
@@ -154,8 +173,12 @@ class Endpointer:
         else:
             self._again = 0
             self._silent += 1
-        if (self._pause_frames and not self._paused and self._silent == self._pause_frames
+        if (self._pause_frames and not self._quiet and self._silent == self._quiet_frames
                 and self._voiced >= self._min_voiced):
+            self._quiet = True
+            if self._quiet_frames < self._pause_frames:
+                events.append(Quieted(bytes(self._utterance), self.voiced_seconds))
+        if self._quiet and not self._paused and self._silent == self._pause_frames:
             self._paused = True
             events.append(Paused(bytes(self._utterance), self.voiced_seconds))
         short = self._voiced < self._min_voiced
@@ -199,7 +222,7 @@ class Endpointer:
         self._run = 0
         self._utterance = bytearray()
         self._pre.clear()
-        self._paused = False
+        self._paused = self._quiet = False
         self._again = 0
         self._until = self._end_frames
 
@@ -243,7 +266,8 @@ class Interims:
 
     def _tick(self) -> None:
         self._timer = self._clock.callLater(self._interval, self._tick)
-        if self._inflight is not None or self._endpointer.voiced_seconds < self.MIN_VOICED:
+        if (self._inflight is not None or self._endpointer.voiced_seconds < self.MIN_VOICED
+                or self._endpointer.quiet):  # the final transcription is (or soon is) under way
             return
         d = self._inflight = self._stt.transcribe(self._endpointer.utterance, False)
         d.addCallbacks(self._got, self._lost)

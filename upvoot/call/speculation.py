@@ -67,6 +67,11 @@ class Speculation:
             self.on_done(self)
 
     @property
+    def started(self) -> bool:
+        """The transcription was started (it may have ended)."""
+        return self._stt is not None or self.settled
+
+    @property
     def settled(self) -> bool:
         """The transcription has ended (with a text or a failure)."""
         return self.text is not None or self._failure is not None

@@ -4,11 +4,13 @@ The agent's ``turn`` option picks the policy:
 
 - ``silence``: the turn ends after ``end_of_turn`` (600 ms) of silence, the
   endpointer alone (``upvoot.call.hearing``).
-- ``smart``: after ``turn_pause`` (200 ms) of silence the end-of-turn model
-  (``IEndOfTurn``, smart-turn) is asked whether the caller has finished and,
-  in parallel, the final transcription starts speculatively
-  (``upvoot.call.speculation``). The model can only make the turn shorter
-  than ``silence`` would, and the transcript only longer:
+- ``smart``: after ``turn_transcribe_after`` (100 ms) of silence the final
+  transcription starts speculatively (``upvoot.call.speculation``); after
+  ``turn_pause`` (200 ms) the end-of-turn model (``IEndOfTurn``,
+  smart-turn) is asked whether the caller has finished (the transcript, a
+  decode several times the model's cost, is then nearly there). The model
+  can only make the turn shorter than ``silence`` would, and the
+  transcript only longer:
 
   - "finished": the turn ends as soon as the transcript is there (the
     reply needs it anyway), and that transcript is the turn's;
@@ -34,12 +36,13 @@ The agent's ``turn`` option picks the policy:
 
 States (Automat ``TypeMachineBuilder``)::
 
+    idle --quieted--> early (the transcription starts) --paused--> deciding
     idle --paused--> deciding --complete--> idle (the turn ends now)
     deciding --finished--> confirming (the model says so; the transcript is not there yet)
     confirming --transcript_ends--> idle (the turn ends now)
     deciding --incomplete | failed--> unsure (the turn ends at end_of_turn)
     deciding --dangles--> holding;  confirming, unsure --transcript_dangles--> holding (ends at turn_max_pause)
-    deciding, confirming, unsure, holding --resumed--> idle (the speculative work is dropped)
+    early, deciding, confirming, unsure, holding --resumed--> idle (the speculative work is dropped)
     any --ended--> idle (the speculation goes to the turn's reply)
     any --cancel--> idle (all dropped: a cough, a digit, the call ending)
 
@@ -57,7 +60,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from upvoot.call.hearing import Endpointer, Paused, Resumed
+from upvoot.call.hearing import Endpointer, Paused, Quieted, Resumed
 from upvoot.call.speculation import Speculation
 from upvoot.engines.interfaces import EngineBusy
 
@@ -94,11 +97,13 @@ def endpointer_for(cfg: Any) -> Endpointer:
     discarded after ``end_of_turn`` with either policy."""
     if cfg.turn == SMART:
         return Endpointer(max(cfg.turn_max_pause, cfg.turn_pause), cfg.min_utterance, cfg.max_utterance,
-                          cfg.barge_in_min, pause=cfg.turn_pause, discard_silence=cfg.end_of_turn)
+                          cfg.barge_in_min, pause=cfg.turn_pause, discard_silence=cfg.end_of_turn,
+                          quiet=cfg.turn_transcribe_after)
     return Endpointer(cfg.end_of_turn, cfg.min_utterance, cfg.max_utterance, cfg.barge_in_min)
 
 
 class TurnInputs(Protocol):
+    def quieted(self) -> None: ...
     def paused(self, event: Paused) -> None: ...
     def resumed(self) -> None: ...
     def complete(self) -> object: ...  # -> the endpointer's event ending the turn
@@ -129,13 +134,18 @@ class TurnWork:
         self.paused_at: float | None = None
         self.decided_by_model = False
 
-    def start(self, event: Paused) -> None:
-        self.paused_at = self.clock.seconds()
-        self.decided_by_model = False
+    def begin(self) -> None:
+        """The speculation of this pause (its transcription starts after the
+        transition, ``TurnTaker.heard``: it may answer at once)."""
         spec = self.speculation = Speculation(self.prefix(), self.clock)
         if self.speculate_reply is not None:
             spec.on_heard = self._heard
-        # the transcription starts after the transition (``TurnTaker.heard``): it may answer at once
+
+    def start(self, event: Paused) -> None:
+        self.paused_at = self.clock.seconds()
+        self.decided_by_model = False
+        if self.speculation is None:  # no quiet before the pause
+            self.begin()
         if event.voiced >= MIN_VOICED:
             self.asked = self.model.predict(event.pcm)  # its own slot: first
 
@@ -169,15 +179,26 @@ class TurnWork:
 
 builder = TypeMachineBuilder(TurnInputs, TurnWork)
 idle = builder.state("idle")
+early = builder.state("early")  # quieted: the transcription is under way, the model not asked yet
 deciding = builder.state("deciding")
 unsure = builder.state("unsure")  # ends at end_of_turn, unless the transcript dangles
 holding = builder.state("holding")  # the transcript dangles: ends at turn_max_pause
 confirming = builder.state("confirming")
-STATES = (idle, deciding, confirming, unsure, holding)
+STATES = (idle, early, deciding, confirming, unsure, holding)
+
+
+@idle.upon(TurnInputs.quieted).to(early)
+def _transcribe_early(inputs: TurnInputs, work: TurnWork) -> None:
+    work.begin()
 
 
 @idle.upon(TurnInputs.paused).to(deciding)
 def _ask(inputs: TurnInputs, work: TurnWork, event: Paused) -> None:
+    work.start(event)
+
+
+@early.upon(TurnInputs.paused).to(deciding)
+def _ask_after_the_quiet(inputs: TurnInputs, work: TurnWork, event: Paused) -> None:
     work.start(event)
 
 
@@ -226,7 +247,7 @@ def _unanswered(inputs: TurnInputs, work: TurnWork) -> object:
     return work.endpointer.end_after(work.end_silence)
 
 
-for _state in (deciding, confirming, unsure, holding):
+for _state in (early, deciding, confirming, unsure, holding):
     @_state.upon(TurnInputs.resumed).to(idle)
     def _resumed(inputs: TurnInputs, work: TurnWork) -> None:
         work.drop()
@@ -242,13 +263,13 @@ for _state in STATES:
 
 # every other (state, input) pair is a fact that does not matter there (a late answer, a stray pause)
 _DECLARED = {
-    (idle, TurnInputs.paused), (deciding, TurnInputs.complete), (deciding, TurnInputs.finished),
+    (idle, TurnInputs.quieted), (idle, TurnInputs.paused), (early, TurnInputs.paused), (deciding, TurnInputs.complete), (deciding, TurnInputs.finished),
     (deciding, TurnInputs.incomplete), (deciding, TurnInputs.failed), (confirming, TurnInputs.transcript_ends),
     (confirming, TurnInputs.transcript_dangles), (deciding, TurnInputs.dangles), (unsure, TurnInputs.transcript_dangles),
 }
 idle.upon(TurnInputs.resumed).loop().returns(None)
 for _state in STATES:
-    for _inp in (TurnInputs.paused, TurnInputs.complete, TurnInputs.finished, TurnInputs.incomplete,
+    for _inp in (TurnInputs.quieted, TurnInputs.paused, TurnInputs.complete, TurnInputs.finished, TurnInputs.incomplete,
                  TurnInputs.dangles, TurnInputs.failed, TurnInputs.transcript_ends, TurnInputs.transcript_dangles):
         if (_state, _inp) not in _DECLARED:
             _state.upon(_inp).loop().returns(None)
@@ -285,7 +306,10 @@ class TurnTaker:
         return self._work.speculation
 
     def heard(self, event: object) -> None:
-        if isinstance(event, Paused):
+        if isinstance(event, Quieted):
+            self._machine.quieted()
+            self._transcribe(event.pcm)
+        elif isinstance(event, Paused):
             self._machine.paused(event)
             asked, spec = self._work.asked, self._work.speculation
             if asked is not None:  # after the transition: an answer at once (a test's model) comes back here
@@ -294,11 +318,18 @@ class TurnTaker:
                 decided = self._machine.incomplete()
                 if decided is not None:
                     self._emit(decided)
-            if spec is not None and spec is self._work.speculation and not spec.settled:
-                spec.on_done = self._transcribed
-                spec.transcribe(self._work.stt, event.pcm)
+                elif spec is self._work.speculation and spec.settled:
+                    self._transcribed(spec)  # the early transcript, already there, may hold the turn
+            self._transcribe(event.pcm)
         elif isinstance(event, Resumed):
             self._machine.resumed()
+
+    def _transcribe(self, pcm: bytes) -> None:
+        """Start this pause's transcription (once: at the quiet, or else at the pause)."""
+        spec = self._work.speculation
+        if spec is not None and not spec.started:
+            spec.on_done = self._transcribed
+            spec.transcribe(self._work.stt, pcm)
 
     def ended(self) -> tuple:
         return self._machine.ended()

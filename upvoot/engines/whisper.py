@@ -27,8 +27,9 @@ Options (``stt.*`` in an agent section):
   ``cpu_threads * num_workers`` at the number of cores).
 - ``compute_type`` (default ``int8``).
 - ``window`` (default ``short``): ``short`` decodes in a window of the
-  clip's length plus 0.5 s, at least 10 s (falling back to ``padded`` on a
-  bad result); ``padded`` is faster-whisper's own 30 s window every time.
+  clip's length plus 0.5 s, at least 10 s (on a bad result: once more in
+  a window of at least 15 s, then ``padded``); ``padded`` is
+  faster-whisper's own 30 s window every time.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from upvoot.engines.interfaces import (  # noqa: E402
     ISpeechToText,
 )
 from upvoot.engines.options import parse_int, parse_language, parse_path, reject_unknown  # noqa: E402
-from upvoot.engines.whisper_window import MAX_SECONDS, ShortWindowDecoder, token_cap  # noqa: E402
+from upvoot.engines.whisper_window import MAX_SECONDS, WIDE_WINDOW_SECONDS, ShortWindowDecoder, token_cap  # noqa: E402
 
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "default", "auto")
 WINDOWS = ("short", "padded")
@@ -77,9 +78,10 @@ class WhisperSettings:
 
 @attrs.frozen
 class Decoded:
-    """A decode and how it was made: ``path`` is ``short``, ``padded`` (the
-    setting, or a clip too long for a short window) or ``fallback``;
-    ``reason`` names the guard a fallback's short window failed."""
+    """A decode and how it was made: ``path`` is ``short``, ``wide`` (the
+    short window failed a guard, the wide one passed), ``padded`` (the
+    setting, or a clip too long for a short window) or ``fallback`` (both
+    windows failed); ``reason`` names the guard the short window failed."""
 
     text: str
     path: str
@@ -106,9 +108,11 @@ class WhisperSpeechToText:
         self.model = model
         self.settings = settings
         self._pool = context.pool
-        self.short_window = None
+        self.short_window = self.wide_window = None
         if settings.window == "short":
             self.short_window = ShortWindowDecoder(model, settings.language, settings.beam_size)
+            self.wide_window = ShortWindowDecoder(model, settings.language, settings.beam_size,
+                                                  min_window=WIDE_WINDOW_SECONDS)
         #: decodes by path, and fallbacks by reason ("fallback:token_cap", ...)
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
@@ -149,11 +153,15 @@ class WhisperSpeechToText:
             if short.bad is None:
                 result = Decoded(short.text, "short")
             else:
-                result = Decoded(self._padded(audio), "fallback", short.bad)
+                wide = self.wide_window.decode(audio) if audio.size < WIDE_WINDOW_SECONDS * 16000 else short
+                if wide is not short and wide.bad is None:
+                    result = Decoded(wide.text, "wide", short.bad)
+                else:
+                    result = Decoded(self._padded(audio), "fallback", short.bad)
         with self._lock:
             self.counts[result.path] += 1
             if result.reason:
-                self.counts["fallback:" + result.reason] += 1
+                self.counts[f"{result.path}:{result.reason}"] += 1  # fallback:avg_logprob, wide:repeated_words
         return result
 
     def padded_sync(self, pcm: bytes) -> str:

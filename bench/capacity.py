@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=40.0, help="seconds each call keeps asking (default 40)")
     p.add_argument("--limit", type=float, default=1.0, help="p95 voice-to-voice limit in seconds (default 1.0)")
     p.add_argument("--turn", default="", help="the demo agent's turn policy: silence or smart (default: the shipped ini's)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another [agent:demo] option for the daemon (repeatable), e.g. turn_transcribe_after=200ms")
     p.add_argument("--framing", default="raw", choices=sorted(FRAMINGS), help="raw or exotel (8 kHz) (default raw)")
     p.add_argument("--pause", type=float, default=1.0, help="seconds from a reply's audio_end to the next question (default 1)")
     p.add_argument("--ramp", type=float, default=4.0, help="spread the call starts of a step over S seconds (default 4)")
@@ -149,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"questions: {len(clips)} clips (piper, espeak-ng, recorded) in {time.perf_counter() - t0:.1f} s "
           f"({min(c.speech_seconds for c in clips):.2f} to {max(c.speech_seconds for c in clips):.2f} s of speech)")
     print(f"machine: {os.cpu_count()} cores, {load_line()}; each call asks for {args.seconds:g} s, pause {args.pause:g} s"
-          f" +- 0.25 s; framing {args.framing}; turn = {args.turn or '(shipped)'}; limit: client v2v p95 <= {args.limit:g} s")
+          f" +- 0.25 s; framing {args.framing}; turn = {args.turn or '(shipped)'}; limit: client v2v p95 <= {args.limit:g} s"
+          + "".join(f"; {o}" for o in args.option))
     figures: list[dict] = []
-    edit = (lambda ini: with_agent_options(ini, turn=args.turn)) if args.turn else None
+    options = dict(o.split("=", 1) for o in args.option if "=" in o)
+    if args.turn:
+        options["turn"] = args.turn
+    edit = (lambda ini: with_agent_options(ini, **options)) if options else None
     with managed_daemon(keys=max(steps), points=100000, edit=edit) as (daemon, keys):
 
         async def run(reactor: Any) -> None:

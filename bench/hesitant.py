@@ -291,6 +291,7 @@ class Policy:
     turn: str
     end_of_turn: float = 0.6
     turn_pause: float = 0.2
+    turn_transcribe_after: float = 0.1
     turn_max_pause: float = 2.5
     min_utterance: float = 0.25
     max_utterance: float = 20.0
@@ -317,7 +318,7 @@ def run(policy: Policy, clip: Clip, vad, model, pool: TimedPool, stt: TimedSTT) 
                     break
                 clock.advance(0.01)
             ready.append(max(now, spec.transcribed_at or now))
-        elif type(event).__name__ in ("Paused", "Resumed"):
+        elif type(event).__name__ in ("Quieted", "Paused", "Resumed"):
             turns.heard(event)
         elif type(event).__name__ == "Discarded":
             turns.cancel()
@@ -344,6 +345,8 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--only", help="only the clips whose name starts with this (piper, espeak, real)")
     parser.add_argument("--cache", help="keep the built set in this file (pickle) and reuse it")
+    parser.add_argument("--transcribe-after", type=float, default=0.1, metavar="SECONDS",
+                        help="smart's turn_transcribe_after (default 0.1; 0.2 = with the model, at turn_pause)")
     args = parser.parse_args()
     import pickle
 
@@ -367,7 +370,9 @@ def main() -> None:
     clock = Clock()
     vad_factory = get_factory("vad", args.vad)
     vad = vad_factory.build(vad_factory.parse_options({}, "."), EngineContext(pool=SynchronousPool(), clock=clock))
-    policies = (Policy("silence 600ms", "silence"), Policy("smart 0.2s/2.5s", "smart"))
+    policies = (Policy("silence 600ms", "silence"),
+                Policy(f"smart 0.2s/2.5s (transcribed from {args.transcribe_after:g}s)", "smart",
+                       turn_transcribe_after=args.transcribe_after))
     for policy in policies:
         pool, stt_pool = TimedPool(clock), TimedPool(clock)
         model = smartturn.load(EngineContext(pool=pool, clock=clock))

@@ -149,8 +149,9 @@ class Playback:
         if not self.paused:
             while self._buffer and self.sent - self.played < self._lead_bytes:
                 size = FRAME_BYTES
-                if self._marks is not None and self._next_mark() > self.sent:
-                    size = min(size, self._next_mark() - self.sent)  # a frame never straddles a mark
+                due = self._next_mark() if self._marks is not None else 0
+                if due > self.sent:
+                    size = min(size, due - self.sent)  # a frame never straddles a mark
                 frame = bytes(self._buffer[:size])
                 del self._buffer[:size]
                 self.sent += len(frame)
@@ -161,7 +162,7 @@ class Playback:
                     # counted in ``sent`` already: what is queued ahead of it plays first
                     self._on_sent(frame, max(0.0, (self.sent - len(frame) - self.played) / BYTES_PER_SECOND))
                 self._line.audio(frame)
-                if self._marks is not None and self.sent == self._next_mark() and self._buffer:
+                if self._marks is not None and self.sent == due and self._buffer:
                     self._mark(last=False)
         if self._marks is not None and self.sent > self._last_mark and not self.cleared:
             if self.finished and not self._buffer:
@@ -200,7 +201,7 @@ class Playback:
         first = self.acked == 0 and position > 0
         if position > self.acked:
             heard = position - self.acked
-            self._heard_tail += self._unacked[:heard]
+            self._heard_tail += self._unacked[max(0, heard - self.PRIME_BYTES):heard]
             del self._heard_tail[: max(0, len(self._heard_tail) - self.PRIME_BYTES)]
             del self._unacked[:heard]
             self.acked = position

@@ -3,24 +3,27 @@
 Internal audio is 16 kHz mono s16le (``upvoot.audio``). Providers speak
 other codecs and rates; each codec owns one :class:`Decoder` (provider ->
 internal) and one :class:`Outbound` (internal -> provider chunks). Both keep
-their resampler state (``upvoot.audio.StreamResampler``, soxr) across
-frames, so chunked conversion matches one-shot conversion (same length,
-samples within soxr's ±2 LSB of rounding): no clicks at frame edges.
+their resampler state across frames, so chunked conversion matches one-shot
+conversion (same length; the decoder's samples exactly, the outbound's
+within soxr's ±2 LSB of rounding): no clicks at frame edges.
 
 Codec names used here: ``"s16le"`` (linear PCM little-endian, e.g. Exotel,
 Vonage), ``"s16be"`` (linear PCM big-endian, RFC 3551 L16), ``"mulaw"`` and
 ``"alaw"`` (G.711, :mod:`upvoot.framing.g711`).
 
-Latency note: soxr's streaming resampler emits in blocks, not per frame.
-Measured with 20 ms frames at quality HQ: 8 <-> 16 kHz gives nothing for
-the first five frames, then about 100 ms at a time; 16 <-> 24 kHz about
-20-40 ms at a time. Outbound this is absorbed by the chunker and by
-``flush()`` at the end of each utterance; inbound (8 kHz providers) it
-delays caller audio by up to ~100 ms more than the frame size.
+Latency note: soxr's streaming resampler (``upvoot.audio.StreamResampler``,
+quality HQ) emits in blocks, not per frame, and holds back ~29 ms of 8 kHz
+audio at steady state (100 ms chunks; with 20 ms frames it gives nothing for
+the first five frames, then about 100 ms at a time). Outbound this is
+absorbed by the chunker and by ``flush()`` at the end of each utterance, so
+the agent's audio keeps soxr's better filter. Inbound those ms would come
+straight after the end of the caller's speech, so the decoder uses
+``upvoot.audio.LowLagResampler`` (a short polyphase FIR: 3 ms at 8 kHz,
+1 ms at 24 kHz).
 
 Audio only: the JSON field helpers are in :mod:`upvoot.framing.jsonwire`,
-the provider base class, mark book and backlog in
-:mod:`upvoot.framing.provider`.
+the provider base class in :mod:`upvoot.framing.provider`, its mark book and
+backlog in :mod:`upvoot.framing.outbox`.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class Decoder:
         self.codec = codec
         self.rate = rate
         self._odd = b""
-        self._resampler = audio.StreamResampler(rate, audio.RATE)
+        self._resampler = audio.LowLagResampler(rate, audio.RATE) if rate != audio.RATE else None
 
     def feed(self, data: bytes) -> bytes:
         if bytes_per_sample(self.codec) == 2:
@@ -100,13 +103,12 @@ class Decoder:
         if not data:
             return b""
         pcm = decode(data, self.codec).astype("<i2").tobytes()
-        return self._resampler.feed(pcm)
+        return pcm if self._resampler is None else self._resampler.feed(pcm)
 
     def flush(self) -> bytes:
         """The resampler's tail at the end of the stream; the decoder is then fresh."""
-        tail = self._resampler.feed(b"", last=True) if self.rate != audio.RATE else b""
+        tail = b"" if self._resampler is None else self._resampler.feed(b"", last=True)
         self._odd = b""
-        self._resampler = audio.StreamResampler(self.rate, audio.RATE)
         return tail
 
 

@@ -9,7 +9,11 @@ fails: what the engine now does). Clips:
   "No, thanks.") by the shipped piper voice at three rates and by espeak-ng
   at two, with 0.2 s before and 0.3 s after (what the endpointer hands over);
 - each of those again in phone band (``*-phone``: 8 kHz, G.711 mu-law
-  encode and decode, back to 16 kHz);
+  encode and decode, back to 16 kHz the way the daemon brings an 8 kHz
+  caller in, ``upvoot.framing.convert.Decoder``, whose upsampler is
+  ``upvoot.audio.LowLagResampler``); with ``--soxr-phone`` also
+  ``*-phone-soxr``, the same mu-law audio brought back with soxr HQ (what
+  the decoder used before), to compare the two filters on the same clips;
 - ``../shared/speech``: real recorded speech, ``clean``, ``phone`` and
   ``phone_noisy`` as shipped there.
 
@@ -21,7 +25,7 @@ other short-window settings (pad, minimum window, no-repeat n-gram size),
 with the padded decode as fallback, to show why the defaults are what they
 are.
 
-Run: python bench/wer.py [--sweep] [--no-interims]
+Run: python bench/wer.py [--sweep] [--no-interims] [--soxr-phone]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from upvoot import audio  # noqa: E402
 from upvoot.engines import espeak, piper, whisper, whisper_window  # noqa: E402
 from upvoot.engines.interfaces import EngineContext  # noqa: E402
 from upvoot.framing.g711 import ulaw_decode, ulaw_encode  # noqa: E402
+from upvoot.framing.convert import Decoder  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "speech"
 
@@ -106,11 +111,14 @@ def edits(ref: list[str], hyp: list[str]) -> int:
     return row[-1]
 
 
-def phone_band(pcm: bytes) -> bytes:
-    """8 kHz, G.711 mu-law encode and decode, back to 16 kHz."""
-    narrow = audio.resample(pcm, audio.RATE, 8000)
-    decoded = ulaw_decode(ulaw_encode(narrow)).astype("<i2").tobytes()
-    return audio.resample(decoded, 8000, audio.RATE)
+def phone_band(pcm: bytes, soxr: bool = False) -> bytes:
+    """8 kHz, G.711 mu-law encode and decode, back to 16 kHz: by the
+    daemon's own inbound decoder, or (``soxr``) by soxr HQ."""
+    wire = ulaw_encode(audio.resample(pcm, audio.RATE, 8000))
+    if soxr:
+        return audio.resample(ulaw_decode(wire).astype("<i2").tobytes(), 8000, audio.RATE)
+    decoder = Decoder("mulaw", 8000)
+    return decoder.feed(bytes(wire)) + decoder.flush()
 
 
 def framed(pcm: bytes, seed: int) -> bytes:
@@ -118,7 +126,7 @@ def framed(pcm: bytes, seed: int) -> bytes:
     return audio.noise(0.2, -65, seed=seed) + pcm + audio.noise(0.3, -65, seed=seed + 1)
 
 
-def synthetic_clips(ctx) -> list[tuple[str, str, str, bytes]]:
+def synthetic_clips(ctx, soxr_phone: bool = False) -> list[tuple[str, str, str, bytes]]:
     """(group, name, reference, pcm) for piper and espeak, clean and phone."""
     voices = []
     for rate in PIPER_RATES:
@@ -136,6 +144,8 @@ def synthetic_clips(ctx) -> list[tuple[str, str, str, bytes]]:
             pcm = framed(tts.synthesize_sync(text), seed=i)
             clips.append((group, f"{voice}:{i}", text, pcm))
             clips.append((group + "-phone", f"{voice}:{i}", text, phone_band(pcm)))
+            if soxr_phone:
+                clips.append((group + "-phone-soxr", f"{voice}:{i}", text, phone_band(pcm, soxr=True)))
     return clips
 
 
@@ -261,6 +271,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also try other short-window settings")
     parser.add_argument("--no-interims", action="store_true")
+    parser.add_argument("--soxr-phone", action="store_true",
+                        help="also the phone-band clips brought back to 16 kHz by soxr HQ instead of the daemon's decoder")
     args = parser.parse_args()
     ctx = EngineContext(pool=None, clock=None)  # the *_sync methods need no pool
     stt = whisper.factory.build(whisper.factory.parse_options({}, "."), ctx)
@@ -270,7 +282,7 @@ def main() -> None:
           f"clip + {whisper_window.PAD_SECONDS} s, at least {whisper_window.MIN_WINDOW_SECONDS} s, "
           f"no-repeat {whisper_window.NO_REPEAT_NGRAM_SIZE}, cap {whisper_window.TOKENS_PER_SECOND}/s + "
           f"{whisper_window.TOKENS_EXTRA} tokens")
-    clips = synthetic_clips(ctx) + shared_clips()
+    clips = synthetic_clips(ctx, args.soxr_phone) + shared_clips()
     stt.padded_sync(clips[0][3])  # warm up
     stt.decode_sync(clips[0][3])
     rows = run(stt, clips)

@@ -3,7 +3,10 @@
 A simulator plays the *provider's* side of a call (the server side of each
 wire format is ``upvoot.framing``). This module holds what they have in
 common: the events it reports (:data:`SimEvent`), caller audio cut into the
-provider's media frames, and the handling of agent media, marks and clears
+provider's media frames (16 kHz caller audio is brought to the provider's
+rate by ``Encoder(low_lag=True)``, 1.5 ms of lag: a real provider's line is
+natively at its rate, so the simulation adds no resampler delay of its own
+to what a caller measures; soxr HQ added 20-100 ms with 20 ms frames), and the handling of agent media, marks and clears
 (on the provider's playback buffer, ``upvoot.dial.media.ProviderBuffer``). The per-provider subclasses, their message
 shapes and how each treats a clear are in ``upvoot.dial.providers``.
 
@@ -155,7 +158,7 @@ class ProviderSim(abc.ABC):
         self.violations: list[str] = []
         self.started = False
         self.stopped = False
-        self._encoder = Encoder(codec, rate)
+        self._encoder = Encoder(codec, rate, low_lag=True)  # a line natively at `rate`: no lag of our own
         self._decoder = Decoder(codec, rate)
         self._pending = bytearray()  # encoded caller audio not yet framed
         self._seq = itertools.count(1)

@@ -156,7 +156,7 @@ class QuestionCaller:
     ``audio_end``; then, repeatedly, ``pause`` seconds (+- ``jitter``) of
     silence, one question clip (cycling through ``clips`` from ``first``),
     and silence until the ``audio_end`` of the reply (the first agent burst
-    that starts after the question's speech). Stops asking after
+    that starts after the question began). Stops asking after
     ``max_turns`` questions or ``ask_until`` seconds, then hangs up once the
     last reply has played (or after ``reply_timeout`` without a reply)."""
 
@@ -244,7 +244,12 @@ class QuestionCaller:
         bursts = call.result.bursts
         if self._reply_burst is None:
             for i, b in enumerate(bursts):
-                if turn.speech_end is not None and b.start > turn.speech_end:
+                # the first burst begun since the question began: the reply (a
+                # burst cannot start otherwise while the caller speaks); not
+                # "after the clip's speech end", which a recording's quiet tail
+                # can put after the reply's start (the reply was then missed and
+                # the next prompt, 6 s later, taken for it)
+                if b.start > turn.asked_at:
                     self._reply_burst = i
                     break
         if self._reply_burst is None:

@@ -282,6 +282,26 @@ class QuestionCaller:
             call.clock.callLater(0, call.hangup, "done")
 
 
+def playback_gaps(results: Sequence[DialResult], rate: int = audio.RATE, tolerance: float = 0.002) -> dict:
+    """The agent's audio as a phone without a jitter buffer would play it:
+    each frame as soon as it has arrived and the one before it has played.
+    A gap is a frame arriving after the audio before it ran out, inside one
+    reply (``audio_start`` .. ``audio_end``); returns the number of replies,
+    of gaps, their total and the longest (seconds)."""
+    replies, gaps = 0, []
+    for res in results:
+        for burst in res.bursts:
+            if not burst.frames:
+                continue
+            replies += 1
+            playing_until = None
+            for arrived, size in burst.frames:
+                if playing_until is not None and arrived > playing_until + tolerance:
+                    gaps.append(arrived - playing_until)
+                playing_until = max(arrived, playing_until or arrived) + size / (2 * rate)
+    return {"replies": replies, "gaps": len(gaps), "total": sum(gaps), "longest": max(gaps, default=0.0)}
+
+
 def agent_text_at(result: DialResult, t: float) -> str | None:
     for mt, msg in result.messages:
         if mt >= t - 1e-6 and isinstance(msg, dict) and msg.get("type") == "transcript" and msg.get("role") == "agent":

@@ -191,9 +191,11 @@ class PlayedCaller(QuestionCaller):
 # ---- the daemon side ------------------------------------------------------------------------------------
 
 
-def with_agent_options(ini: str, agent: str = "demo", **options: str) -> str:
-    """``ini`` with options of ``[agent:NAME]`` set: an existing line (and its
-    continuation lines) replaced, a missing one added under the header."""
+def with_agent_options(ini: str, agent: str = "demo", header: str | None = None, **options: str) -> str:
+    """``ini`` with options of ``[agent:NAME]`` (or of the section ``header``,
+    e.g. ``[upvoot]``) set: an existing line (and its continuation lines)
+    replaced, a missing one added under the header."""
+    header = header or f"[agent:{agent}]"
     out: list[str] = []
     section, skipping = None, False
     pending = dict(options)
@@ -202,7 +204,7 @@ def with_agent_options(ini: str, agent: str = "demo", **options: str) -> str:
             section = line.strip()
             skipping = False
             out.append(line)
-            if section == f"[agent:{agent}]":
+            if section == header:
                 out += [f"{k} = {v}" for k, v in pending.items()]
                 pending.clear()
             continue
@@ -210,7 +212,7 @@ def with_agent_options(ini: str, agent: str = "demo", **options: str) -> str:
             continue
         skipping = False
         key = line.split("=", 1)[0].strip()
-        if section == f"[agent:{agent}]" and key in options and not line.startswith((";", " ", "#")):
+        if section == header and key in options and not line.startswith((";", " ", "#")):
             skipping = True  # the value was put under the header
             continue
         out.append(line)

@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10, help="barge-ins (calls) per framing (default 10)")
     p.add_argument("--framings", default=",".join(FRAMINGS), help=f"comma-separated: {', '.join(FRAMINGS)} (default all)")
     p.add_argument("--verbose", action="store_true", help="print every call")
+    p.add_argument("--daemon-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an [upvoot] option for the daemon (repeatable), e.g. playout_lead=60ms")
     return p
 
 
@@ -412,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     if not framings or any(f not in FRAMINGS for f in framings) or not 1 <= args.n <= 100:
         print(f"error: --framings from {', '.join(FRAMINGS)}; --n 1..100", file=sys.stderr)
         return 2
-    print(f"machine: {load_line()}", flush=True)
+    print(f"machine: {load_line()}" + "".join(f"; {o}" for o in args.daemon_option), flush=True)
+    options = dict(o.split("=", 1) for o in args.daemon_option if "=" in o)
     results = []
     with tempfile.TemporaryDirectory(prefix="upvoot-bench-") as tmp:
-        daemon = Daemon(Path(tmp), shipped_ini(max_calls="4") + AGENTS)
+        daemon = Daemon(Path(tmp), shipped_ini(**{"max_calls": "4", **options}) + AGENTS)
         try:
             t0 = time.monotonic()
             daemon.start(timeout=240)  # every agent's replies are synthesized at start

@@ -46,6 +46,7 @@ from bench._common import (  # noqa: E402
     managed_daemon,
     ms,
     percentile,
+    playback_gaps,
     react,
     run_calls,
     wait_quiet,
@@ -61,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--turn", default="", help="the demo agent's turn policy: silence or smart (default: the shipped ini's)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="another [agent:demo] option for the daemon (repeatable), e.g. turn_transcribe_after=200ms")
+    p.add_argument("--daemon-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an [upvoot] option for the daemon (repeatable), e.g. playout_lead=60ms")
     p.add_argument("--framing", default="raw", choices=sorted(FRAMINGS), help="raw or exotel (8 kHz) (default raw)")
     p.add_argument("--pause", type=float, default=1.0, help="seconds from a reply's audio_end to the next question (default 1)")
     p.add_argument("--ramp", type=float, default=4.0, help="spread the call starts of a step over S seconds (default 4)")
@@ -124,6 +127,7 @@ async def step(reactor: Any, n: int, args: argparse.Namespace, clips: list, daem
         "wall": cpu["wall"],
         "waited": waited,
         "load": load_line(),
+        "playback": playback_gaps(results),
     }
     fig["ok"] = bool(v2v) and fig["p95"] <= args.limit and not fig["refused"] and not fig["failed"]
     return fig
@@ -135,6 +139,12 @@ def row(f: dict, limit: float) -> str:
             f"{ms(f['max'], 6)} {ms(f['srv_p95'], 8)} {ms(f['eot_p95'], 8)} {ms(f['stt_p95'], 8)} {f['refused']:>4} "
             f"{f['engine_failures']:>4} {f['cpu']:>7.0f}% {f['gen_cpu']:>7.0f}% {f['others']:>6.0f}%  {verdict}; {f['load']}"
             + (f"  (waited {f['waited']:.0f} s for a quiet machine)" if f["waited"] > 1.5 else ""))
+
+
+def gap_line(f: dict) -> str:
+    g = f["playback"]
+    return (f"   the caller's playback (frames played as they arrive): {g['gaps']} gaps in {g['replies']} replies, "
+            f"{g['total'] * 1000:.0f} ms in all, longest {g['longest'] * 1000:.0f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({min(c.speech_seconds for c in clips):.2f} to {max(c.speech_seconds for c in clips):.2f} s of speech)")
     print(f"machine: {os.cpu_count()} cores, {load_line()}; each call asks for {args.seconds:g} s, pause {args.pause:g} s"
           f" +- 0.25 s; framing {args.framing}; turn = {args.turn or '(shipped)'}; limit: client v2v p95 <= {args.limit:g} s"
-          + "".join(f"; {o}" for o in args.option))
+          + "".join(f"; {o}" for o in args.option + args.daemon_option))
     figures: list[dict] = []
     options = dict(o.split("=", 1) for o in args.option if "=" in o)
     if args.turn:
         options["turn"] = args.turn
-    edit = (lambda ini: with_agent_options(ini, **options)) if options else None
+    daemon_options = dict(o.split("=", 1) for o in args.daemon_option if "=" in o)
+
+    def edit(ini: str) -> str:
+        return with_agent_options(with_agent_options(ini, **options), header="[upvoot]", **daemon_options)
+
     with managed_daemon(keys=max(steps), points=100000, edit=edit) as (daemon, keys):
 
         async def run(reactor: Any) -> None:
@@ -168,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             for n in steps:
                 f = await step(reactor, n, args, clips, daemon, keys)
                 print(row(f, args.limit), flush=True)
+                print(gap_line(f), flush=True)
                 if not f["ok"] and f["others"] > args.disturbed:
                     # other processes took the CPU: once more, to be fair to the daemon
                     print(f"   (other processes used {f['others']:.0f} % of a core during that step: repeating it once)", flush=True)
                     f = await step(reactor, n, args, clips, daemon, keys)
                     print(row(f, args.limit), flush=True)
+                print(gap_line(f), flush=True)
                 figures.append(f)
                 if not f["ok"]:
                     break

@@ -84,13 +84,13 @@ class StreamingBrain:
 
 class Harness:
     def __init__(self, probability: float = 0.9, turn: str = "smart", brain=None, fail=None, model_delay=0.07,
-                 stt_delay=0.15, turn_transcribe_after=0.1):
+                 stt_delay=0.15, turn_transcribe_after=0.1, turn_unfinished_pause=0.6):
         """``brain``: clock -> the agent's brain (default: the scripted one)."""
         self.clock = Clock()
         self.clock.advance(1000.0)
         self.out = RecordingOutput()
         cfg = agent_config(turn=turn, turn_pause=0.2, turn_max_pause=2.5, interim_interval=0.0,
-                           turn_transcribe_after=turn_transcribe_after)
+                           turn_transcribe_after=turn_transcribe_after, turn_unfinished_pause=turn_unfinished_pause)
         self.stt = STT(self.clock, delay=stt_delay)
         self.agent = make_agent(cfg, stt=self.stt)
         self.model = self.agent.turn_model = Model(self.clock, probability, model_delay, fail)
@@ -205,7 +205,7 @@ def test_a_transcript_that_stops_on_a_dangling_word_is_unfinished_whatever_the_m
 
 @pytest.mark.parametrize("text, dangles", [
     ("I'd like to book a table for", True), ("My account number is", True), ("I was wondering if,", True),
-    ("so um", True), ("and then...", True), ("What are your opening hours?", False), ("Thank you.", False),
+    ("so um", True), ("and then...", True), ("I need to speak to someone about", True), ("What are your opening hours?", False), ("Thank you.", False),
     ("I'd like to book a table for four.", False), ("", False), ("Go on", False), ("Than he was.", False),
 ])
 def test_unfinished(text, dangles):
@@ -220,11 +220,72 @@ def test_unfinished_by_the_model_alone_ends_at_the_fixed_silence():
     assert h.caller_turns() == ["what are your opening hours"]
 
 
+def test_unfinished_by_the_model_waits_turn_unfinished_pause():
+    h = Harness(probability=0.1, stt_delay=0.05, turn_unfinished_pause=1.2)
+    h.say(1.0)
+    h.wait(1.0)
+    assert h.state == "hearing", "held past end_of_turn"
+    assert h.waited() == pytest.approx(1.2, abs=0.03)
+    assert h.caller_turns() == ["what are your opening hours"]
+
+
+def test_a_caller_going_on_within_turn_unfinished_pause_is_one_turn():
+    h = Harness(probability=0.1, stt_delay=0.05, turn_unfinished_pause=1.2)
+    h.say(1.0)
+    h.wait(0.9)  # a pause that end_of_turn (600 ms) would have cut
+    h.stt.text = "what are your opening hours on Saturday"
+    h.say(0.6)
+    h.until("speaking")
+    assert h.caller_turns() == ["what are your opening hours on Saturday"]
+
+
+def test_turn_unfinished_pause_leaves_short_utterances_and_a_finished_model_alone():
+    short = Harness(probability=0.1, stt_delay=0.05, turn_unfinished_pause=1.2)
+    short.say(0.5)  # the model is not asked: end_of_turn decides
+    assert short.waited() == pytest.approx(0.6, abs=0.03)
+    done = Harness(probability=0.9, stt_delay=0.05, turn_unfinished_pause=1.2)
+    done.say(1.0)
+    assert done.waited() == pytest.approx(0.2 + 0.07, abs=0.03)
+
+
 def test_a_short_utterance_is_left_to_the_fixed_silence_without_asking_the_model():
     h = Harness(probability=0.9, stt_delay=0.05)
     h.say(0.5)  # "Yes," (and perhaps "that's right" after a comma's pause): under MIN_VOICED
     assert h.waited() == pytest.approx(0.6, abs=0.03)
     assert h.model.asked == [] and len(h.stt.finals) == 1, "transcribed at the pause all the same"
+
+
+def test_silence_ends_a_turn_only_once_its_transcript_is_there():
+    """A transcription slower than end_of_turn: the turn ends when it comes
+    (the reply waits for it anyway), not at 600 ms."""
+    h = Harness(probability=0.9, stt_delay=0.9)
+    h.say(0.5)  # under MIN_VOICED: silence decides
+    h.wait(0.7)
+    assert h.state == "hearing", "600 ms passed, the transcript is not there yet"
+    assert h.waited() == pytest.approx(0.1 + 0.9, abs=0.05)
+    assert len(h.stt.finals) == 1 and h.caller_turns() == ["what are your opening hours"]
+
+
+def test_a_slow_transcript_that_dangles_holds_the_turn():
+    h = Harness(probability=0.1, stt_delay=0.9)
+    h.stt.text = "my account number is"
+    h.say(1.0)
+    h.wait(1.5)
+    assert h.state == "hearing", "held: the late transcript dangles"
+    h.stt.text = "my account number is seven three nine two"
+    h.say(0.6)
+    h.until("speaking")
+    assert h.caller_turns() == ["my account number is seven three nine two"]
+
+
+def test_a_caller_going_on_before_the_slow_transcript_is_one_turn():
+    h = Harness(probability=0.1, stt_delay=0.9)
+    h.say(1.0)
+    h.wait(0.8)  # past end_of_turn, the transcript still under way
+    h.stt.text = "what are your opening hours on Saturday"
+    h.say(0.6)
+    h.until("speaking")
+    assert h.caller_turns() == ["what are your opening hours on Saturday"]
 
 
 def test_a_short_utterance_that_dangles_is_held():
@@ -438,7 +499,10 @@ def test_turn_options(tmp_path, monkeypatch):
 
     monkeypatch.setattr(smartturn, "model_path", lambda: "found")
     cfg = _load(tmp_path, "turn = smart\nturn_pause = 150ms").agents["a"]
-    assert (cfg.turn, cfg.turn_pause, cfg.turn_max_pause) == ("smart", 0.15, 2.5)
+    assert (cfg.turn, cfg.turn_pause, cfg.turn_max_pause, cfg.turn_unfinished_pause) == ("smart", 0.15, 2.5, 0.6)
+    assert _load(tmp_path, "turn = smart\nturn_unfinished_pause = 1200ms").agents["a"].turn_unfinished_pause == 1.2
+    with pytest.raises(ConfigError, match=r"\[agent:a\] turn_unfinished_pause: 20s is out of range \(100ms\.\.10s\)"):
+        _load(tmp_path, "turn = smart\nturn_unfinished_pause = 20s")
     with pytest.raises(ConfigError, match=r"\[agent:a\] turn_pause: must be shorter than turn_max_pause"):
         _load(tmp_path, "turn = smart\nturn_pause = 1s\nturn_max_pause = 1s")
     with pytest.raises(ConfigError, match=r"\[agent:a\] turn: expected one of smart, silence"):

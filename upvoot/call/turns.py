@@ -14,12 +14,12 @@ The agent's ``turn`` option picks the policy:
 
   - "finished": the turn ends as soon as the transcript is there (the
     reply needs it anyway), and that transcript is the turn's;
-  - "not finished", or less than ``MIN_VOICED`` (0.8 s) of speech so far
-    (the model is not asked): the turn ends after ``end_of_turn`` (600 ms) of
-    silence, as with ``silence`` (measured on bench/hesitant.py, waiting
-    longer on the model's word cost 2.5 s on one complete sentence in ten,
-    while the sentences it rightly held were mostly caught by the
-    transcript anyway);
+  - "not finished": the turn ends after ``turn_unfinished_pause`` of
+    silence (default 600 ms, as ``end_of_turn``: see etc/upvoot.ini for what
+    bench/hesitant.py measured of longer ones);
+  - less than ``MIN_VOICED`` (0.8 s) of speech so far (the model is not
+    asked): the turn ends after ``end_of_turn`` (600 ms) of silence, as
+    with ``silence``;
   - whatever the model says, a transcript that ends on a word no sentence
     ends on ("... a table for", "... and", "um", a trailing "..."
     ``unfinished``) holds the turn open: ``turn_max_pause`` (2.5 s) of
@@ -40,7 +40,10 @@ States (Automat ``TypeMachineBuilder``)::
     idle --paused--> deciding --complete--> idle (the turn ends now)
     deciding --finished--> confirming (the model says so; the transcript is not there yet)
     confirming --transcript_ends--> idle (the turn ends now)
-    deciding --incomplete | failed--> unsure (the turn ends at end_of_turn)
+    deciding --incomplete--> unsure (the turn ends at turn_unfinished_pause)
+    deciding --unasked | failed--> unsure (the turn ends at end_of_turn)
+    unsure --transcript_ends--> unsure (a transcript still under way when
+        unsure was entered: that silence ends the turn only from now on)
     deciding --dangles--> holding;  confirming, unsure --transcript_dangles--> holding (ends at turn_max_pause)
     early, deciding, confirming, unsure, holding --resumed--> idle (the speculative work is dropped)
     any --ended--> idle (the speculation goes to the turn's reply)
@@ -76,8 +79,9 @@ FINISHED = 0.5  # the end-of-turn model's probability above which the caller has
 MIN_VOICED = 0.8
 #: English words no sentence ends on (articles, conjunctions, most prepositions, fillers, "is"/"are";
 #: not "was"/"were", which end "... than he was", held 2.5 s on bench/hesitant.py's recordings).
+#: "about": "I'm calling about ..." (bench/hesitant.py: "I need to speak to someone about ...", model 0.98).
 DANGLING = frozenset(
-    "a an the and or but because if when while to for of at with from into than my your our their is are i "
+    "a an the and or but because if when while to for of at with from into than about my your our their is are i "
     "we they uh um er erm".split())
 
 
@@ -110,7 +114,8 @@ class TurnInputs(Protocol):
     def finished(self) -> None: ...  # the model says finished, the transcript is still to come
     def transcript_ends(self) -> object: ...  # -> the endpointer's event ending the turn
     def transcript_dangles(self) -> None: ...
-    def incomplete(self) -> object: ...  # -> an event when the fixed silence has already passed
+    def incomplete(self) -> object: ...  # the model says not finished; -> an event when its silence has already passed
+    def unasked(self) -> object: ...  # too little speech for the model; -> an event when end_of_turn has passed
     def dangles(self) -> None: ...  # the model answered; the transcript, already there, dangles
     def failed(self) -> object: ...  # -> an event when the fixed silence has already passed
     def ended(self) -> tuple: ...  # -> (Speculation | None, the pause's time if the model ended the turn)
@@ -121,12 +126,15 @@ class TurnWork:
     """What the turn policy holds between its states, and what it does."""
 
     def __init__(self, clock: Any, endpointer: Endpointer, model: Any, stt: Any, end_silence: float,
-                 prefix: Callable[[], bytes], speculate_reply: Callable[[str], Any] | None) -> None:
+                 prefix: Callable[[], bytes], speculate_reply: Callable[[str], Any] | None,
+                 unfinished_silence: float | None = None) -> None:
         self.clock = clock
         self.endpointer = endpointer
         self.model = model  # IEndOfTurn
         self.stt = stt
         self.end_silence = end_silence
+        self.unfinished_silence = end_silence if unfinished_silence is None else unfinished_silence
+        self.pending_silence: float | None = None  # unsure, the transcript still under way: the silence that ends it
         self.prefix = prefix
         self.speculate_reply = speculate_reply  # text -> SpeculativeReply; None: the brain is not asked early
         self.asked: defer.Deferred | None = None  # the model's run
@@ -165,6 +173,22 @@ class TurnWork:
             spec.cancel()
         self.paused_at = None
         self.decided_by_model = False
+        self.pending_silence = None
+
+    def end_after(self, silence: float) -> object | None:
+        """Unsure: the turn ends after ``silence``, but only once its
+        transcript is there (the reply needs it anyway): one that comes later
+        may dangle and hold the turn, and the caller going on meanwhile is
+        the same turn, not a new one."""
+        spec = self.speculation
+        if spec is not None and not spec.settled:  # under way, or starting right after this transition
+            self.pending_silence = silence
+            return None
+        return self.endpointer.end_after(silence)
+
+    def transcript_came(self) -> object | None:
+        silence, self.pending_silence = self.pending_silence, None
+        return None if silence is None else self.endpointer.end_after(silence)
 
     def hand_over(self) -> tuple:
         self.drop_answer()
@@ -174,6 +198,7 @@ class TurnWork:
         paused = self.paused_at if self.decided_by_model else None
         self.paused_at = None
         self.decided_by_model = False
+        self.pending_silence = None
         return spec, paused
 
 
@@ -181,7 +206,7 @@ builder = TypeMachineBuilder(TurnInputs, TurnWork)
 idle = builder.state("idle")
 early = builder.state("early")  # quieted: the transcription is under way, the model not asked yet
 deciding = builder.state("deciding")
-unsure = builder.state("unsure")  # ends at end_of_turn, unless the transcript dangles
+unsure = builder.state("unsure")  # ends after a silence, once the transcript is there, unless it dangles
 holding = builder.state("holding")  # the transcript dangles: ends at turn_max_pause
 confirming = builder.state("confirming")
 STATES = (idle, early, deciding, confirming, unsure, holding)
@@ -227,7 +252,13 @@ def _heard_unfinished(inputs: TurnInputs, work: TurnWork) -> None:
 
 @unsure.upon(TurnInputs.transcript_dangles).to(holding)
 def _heard_unfinished_unsure(inputs: TurnInputs, work: TurnWork) -> None:
+    work.pending_silence = None
     work.endpointer.hold()
+
+
+@unsure.upon(TurnInputs.transcript_ends).loop()
+def _heard_unsure(inputs: TurnInputs, work: TurnWork) -> object:
+    return work.transcript_came()
 
 
 @deciding.upon(TurnInputs.dangles).to(holding)
@@ -238,13 +269,18 @@ def _unfinished_words(inputs: TurnInputs, work: TurnWork) -> None:
 @deciding.upon(TurnInputs.incomplete).to(unsure)
 def _unfinished(inputs: TurnInputs, work: TurnWork) -> object:
     work.asked = None
-    return work.endpointer.end_after(work.end_silence)
+    return work.end_after(work.unfinished_silence)
+
+
+@deciding.upon(TurnInputs.unasked).to(unsure)
+def _unheard(inputs: TurnInputs, work: TurnWork) -> object:
+    return work.end_after(work.end_silence)
 
 
 @deciding.upon(TurnInputs.failed).to(unsure)
 def _unanswered(inputs: TurnInputs, work: TurnWork) -> object:
     work.asked = None
-    return work.endpointer.end_after(work.end_silence)
+    return work.end_after(work.end_silence)
 
 
 for _state in (early, deciding, confirming, unsure, holding):
@@ -264,13 +300,14 @@ for _state in STATES:
 # every other (state, input) pair is a fact that does not matter there (a late answer, a stray pause)
 _DECLARED = {
     (idle, TurnInputs.quieted), (idle, TurnInputs.paused), (early, TurnInputs.paused), (deciding, TurnInputs.complete), (deciding, TurnInputs.finished),
-    (deciding, TurnInputs.incomplete), (deciding, TurnInputs.failed), (confirming, TurnInputs.transcript_ends),
+    (deciding, TurnInputs.incomplete), (deciding, TurnInputs.unasked), (deciding, TurnInputs.failed), (confirming, TurnInputs.transcript_ends),
     (confirming, TurnInputs.transcript_dangles), (deciding, TurnInputs.dangles), (unsure, TurnInputs.transcript_dangles),
+    (unsure, TurnInputs.transcript_ends),
 }
 idle.upon(TurnInputs.resumed).loop().returns(None)
 for _state in STATES:
     for _inp in (TurnInputs.quieted, TurnInputs.paused, TurnInputs.complete, TurnInputs.finished, TurnInputs.incomplete,
-                 TurnInputs.dangles, TurnInputs.failed, TurnInputs.transcript_ends, TurnInputs.transcript_dangles):
+                 TurnInputs.unasked, TurnInputs.dangles, TurnInputs.failed, TurnInputs.transcript_ends, TurnInputs.transcript_dangles):
         if (_state, _inp) not in _DECLARED:
             _state.upon(_inp).loop().returns(None)
 
@@ -297,7 +334,9 @@ class TurnTaker:
         self.endpointer = endpointer_for(cfg)
         self._emit = emit
         self._call_id = call_id
-        self._work = TurnWork(clock, self.endpointer, model, stt, cfg.end_of_turn, prefix, speculate_reply)
+        self._work = TurnWork(clock, self.endpointer, model, stt, cfg.end_of_turn, prefix, speculate_reply,
+                              unfinished_silence=min(max(cfg.turn_unfinished_pause, cfg.turn_pause),
+                                                     max(cfg.turn_max_pause, cfg.turn_pause)))
         self._machine = TurnMachine(self._work)
 
     @property
@@ -315,7 +354,7 @@ class TurnTaker:
             if asked is not None:  # after the transition: an answer at once (a test's model) comes back here
                 asked.addCallbacks(self._answered, self._unanswered, callbackArgs=(asked,), errbackArgs=(asked,))
             elif spec is not None:  # too little speech for the model: silence decides
-                decided = self._machine.incomplete()
+                decided = self._machine.unasked()
                 if decided is not None:
                     self._emit(decided)
                 elif spec is self._work.speculation and spec.settled:

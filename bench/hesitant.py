@@ -285,6 +285,36 @@ class TimedSTT:
         return time.perf_counter() - t
 
 
+class Probe:
+    """What the model and the speech-to-text answered during one clip (for
+    ``--verbose``): wraps either, passing every call through."""
+
+    def __init__(self, inner, method: str) -> None:
+        self.inner, self.method, self.seen = inner, method, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _call(self, *args):
+        d = getattr(self.inner, self.method)(*args)
+
+        def keep(result):
+            self.seen.append(result)
+            return result
+
+        return d.addCallback(keep)
+
+    def predict(self, pcm: bytes):
+        return self._call(pcm)
+
+    def transcribe(self, pcm: bytes, final: bool):
+        return self._call(pcm, final) if final else self.inner.transcribe(pcm, final)  # finals only
+
+    def said(self) -> str:
+        """The answers, oldest first: probabilities as 0.00, transcripts quoted."""
+        return ", ".join(f"{x:.2f}" if isinstance(x, float) else repr(getattr(x, "text", x)) for x in self.seen)
+
+
 @attrs.frozen
 class Policy:
     name: str
@@ -293,6 +323,7 @@ class Policy:
     turn_pause: float = 0.2
     turn_transcribe_after: float = 0.1
     turn_max_pause: float = 2.5
+    turn_unfinished_pause: float = 0.6
     min_utterance: float = 0.25
     max_utterance: float = 20.0
     barge_in_min: float = 0.3
@@ -323,7 +354,9 @@ def run(policy: Policy, clip: Clip, vad, model, pool: TimedPool, stt: TimedSTT) 
         elif type(event).__name__ == "Discarded":
             turns.cancel()
 
-    turns = TurnTaker(clock, policy, model if policy.turn == "smart" else None, stt, on_event)
+    model, stt_probe = (Probe(model, "predict") if model is not None else None), Probe(stt, "transcribe")
+    run.last = (model, stt_probe)
+    turns = TurnTaker(clock, policy, model if policy.turn == "smart" else None, stt_probe, on_event)
     ear = Ear(vad.new_detector(), turns.endpointer)
     for i in range(len(clip.pcm) // FRAME_BYTES):
         for event in ear.hear(clip.pcm[i * FRAME_BYTES:(i + 1) * FRAME_BYTES]):
@@ -332,6 +365,13 @@ def run(policy: Policy, clip: Clip, vad, model, pool: TimedPool, stt: TimedSTT) 
         if ended:
             return ended[0], ready[0]
     return None, None
+
+
+def said(probes: tuple) -> str:
+    model, stt = probes
+    parts = ([f"model {model.said()}"] if model is not None and model.seen else []) + (
+        [f"heard {stt.said()}"] if stt.seen else [])
+    return f": {'; '.join(parts)}" if parts else ""
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -347,6 +387,9 @@ def main() -> None:
     parser.add_argument("--cache", help="keep the built set in this file (pickle) and reuse it")
     parser.add_argument("--transcribe-after", type=float, default=0.1, metavar="SECONDS",
                         help="smart's turn_transcribe_after (default 0.1; 0.2 = with the model, at turn_pause)")
+    parser.add_argument("--unfinished-pause", default="0.6", metavar="SECONDS[,SECONDS...]",
+                        help="smart's turn_unfinished_pause: the silence that ends a turn the model says is not "
+                             "finished (default 0.6; several, comma-separated: one smart policy each)")
     args = parser.parse_args()
     import pickle
 
@@ -371,8 +414,9 @@ def main() -> None:
     vad_factory = get_factory("vad", args.vad)
     vad = vad_factory.build(vad_factory.parse_options({}, "."), EngineContext(pool=SynchronousPool(), clock=clock))
     policies = (Policy("silence 600ms", "silence"),
-                Policy(f"smart 0.2s/2.5s (transcribed from {args.transcribe_after:g}s)", "smart",
-                       turn_transcribe_after=args.transcribe_after))
+                *(Policy(f"smart 0.2s/2.5s (transcribed from {args.transcribe_after:g}s, unfinished {float(u):g}s)",
+                         "smart", turn_transcribe_after=args.transcribe_after, turn_unfinished_pause=float(u))
+                  for u in args.unfinished_pause.split(",")))
     for policy in policies:
         pool, stt_pool = TimedPool(clock), TimedPool(clock)
         model = smartturn.load(EngineContext(pool=pool, clock=clock))
@@ -383,7 +427,8 @@ def main() -> None:
             early = end is not None and end < clip.pause[1] + 0.04
             cut.append(early)
             if args.verbose and early:
-                print(f"  cut off: {clip.name} (ended {end:.2f}s, pause {clip.pause[0]:.2f}-{clip.pause[1]:.2f}s)")
+                print(f"  cut off: {clip.name} (ended {end:.2f}s, pause {clip.pause[0]:.2f}-{clip.pause[1]:.2f}s)"
+                      f"{said(run.last)}")
             if not early and end is not None:
                 late.append(end - clip.speech_end)
         for clip in complete:
@@ -391,7 +436,7 @@ def main() -> None:
             early = end is not None and end < clip.speech_end - 0.1
             cut_complete.append(early)
             if args.verbose and early:
-                print(f"  early: {clip.name} (ended {end:.2f}s, speech to {clip.speech_end:.2f}s)")
+                print(f"  early: {clip.name} (ended {end:.2f}s, speech to {clip.speech_end:.2f}s){said(run.last)}")
             if not early and end is not None:
                 waits.append(end - clip.speech_end)
                 if args.verbose and end - clip.speech_end > 1.0:

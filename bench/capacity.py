@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"   (other processes used {f['others']:.0f} % of a core during that step: repeating it once)", flush=True)
                     f = await step(reactor, n, args, clips, daemon, keys)
                     print(row(f, args.limit), flush=True)
-                print(gap_line(f), flush=True)
+                    print(gap_line(f), flush=True)
                 figures.append(f)
                 if not f["ok"]:
                     break

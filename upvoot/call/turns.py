@@ -63,6 +63,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from upvoot.call.dangling import unfinished
 from upvoot.call.hearing import Endpointer, Paused, Quieted, Resumed
 from upvoot.call.speculation import Speculation
 from upvoot.engines.interfaces import EngineBusy
@@ -77,24 +78,6 @@ FINISHED = 0.5  # the end-of-turn model's probability above which the caller has
 #: ended early fell from 16 % to 7 % with this floor, and nothing got slower
 #: than ``end_of_turn``.
 MIN_VOICED = 0.8
-#: English words no sentence ends on (articles, conjunctions, most prepositions, fillers, "is"/"are";
-#: not "was"/"were", which end "... than he was", held 2.5 s on bench/hesitant.py's recordings).
-#: "about": "I'm calling about ..." (bench/hesitant.py: "I need to speak to someone about ...", model 0.98).
-DANGLING = frozenset(
-    "a an the and or but because if when while to for of at with from into than about my your our their is are i "
-    "we they uh um er erm".split())
-
-
-def unfinished(text: str) -> bool:
-    """The transcript stops where no sentence stops: on a trailing comma,
-    dash or ellipsis, or on a word of ``DANGLING``."""
-    text = text.strip()
-    if text.endswith((",", "-", "...", "…")):
-        return True
-    words = text.rstrip(".?!").split()
-    return bool(words) and words[-1].strip(",;:\"'").lower() in DANGLING
-
-
 def endpointer_for(cfg: Any) -> Endpointer:
     """The endpointer of an agent's turn policy: with ``smart`` it pauses at
     ``turn_pause`` and ends at ``turn_max_pause``; a too-short sound is

@@ -18,6 +18,7 @@ import os
 import re
 import selectors
 import socket
+import statistics
 import threading
 import time
 import urllib.request
@@ -437,7 +438,10 @@ def test_an_endless_header_is_cut_at_the_cap_and_healthz_stays_fast(hostile):
         t.join(15)
     assert len(ended) == 4, (sent, ended)  # every one was cut off
     assert max(ended) < 5.0, ended
-    assert max(timings) < 0.1, timings
+    # two test workers share two cores: one answer may wait a scheduler slice
+    # behind the other worker; a reactor rescanning its buffers stalls them all
+    assert statistics.median(timings) < 0.05, timings
+    assert max(timings) < 1.0, timings
     print(f"endless headers: cut after {max(ended):.2f} s, {max(sent)} bytes accepted (kernel buffers included);"
           f" /healthz max {max(timings) * 1000:.1f} ms")
     assert d.log_text().count("handshake.too_large") + d.log_text().count("Opening handshake over") >= 4

@@ -13,7 +13,7 @@ and stops speaking. Sans-IO: feed it 20 ms frames, it returns events.
   utterance held less than ``min_utterance`` of voiced audio it is
   *discarded* after ``discard_silence`` (default: ``end_silence``; a cough,
   a click, a short "mm-hm"), otherwise it *ends* and carries its audio, with
-  ``pre_roll`` (``PRE_ROLL``, 400 ms) of audio from before the onset: the
+  ``pre_roll`` (``PRE_ROLL``, 500 ms) of audio from before the onset: the
   recognizer hears the first consonant, and the end-of-turn model and
   Whisper hear the line's quiet before the words, which they read better.
 - Pause (only with ``pause`` set: ``turn = smart``): after ``pause`` of
@@ -44,11 +44,13 @@ from upvoot.engines.interfaces import EngineBusy
 
 #: Audio kept from before the onset, joined to the utterance. Whisper tiny
 #: reads the last word of a paused utterance better with more of the line's
-#: quiet before the first: on bench/hesitant.py (51 hesitant clips, turn =
-#: smart) the transcript of the pause held the unfinished last word ("the
-#: problem started [when]") more often with 400 ms than with 200 ms, and the
-#: cut-offs fell from 25.5 % to 17.6 % (waits p50 220 -> 240 ms, p95 580 ms).
-PRE_ROLL = 0.4
+#: quiet before the first ("the problem started [when]"), and the dangling
+#: word is what holds the turn open: on bench/hesitant.py (51 hesitant clips,
+#: turn = smart, each clip with 0.5 s of the line's noise before the words)
+#: the cut-offs were 25.5 % with 200 ms, 23.5 % (300), 17.6 % (400), 11.8 %
+#: (500) and 15.7 % (600), the waits after complete sentences p50 220-240 ms
+#: and p95 580 ms throughout.
+PRE_ROLL = 0.5
 
 
 @attrs.frozen

@@ -155,6 +155,15 @@ def one_policy(args: argparse.Namespace, policy: str, framings: list[str]) -> in
     return 0 if all(f["n"] >= min(20, args.turns) for f in figures.values()) else 1
 
 
+def heard_at(record: dict | None, t: float) -> str | None:
+    """What the daemon heard of the question asked at ``t`` (seconds since the
+    call opened): the call record's first caller line from then on."""
+    for entry in (record or {}).get("transcript", []):
+        if entry.get("role") == "caller" and entry.get("t", 0.0) >= t - 0.05:
+            return entry.get("text")
+    return None
+
+
 def report(framing: str, runs: list, daemon: Any, key: str, verbose: bool) -> dict:
     pairs, loads = [], []
     for src, res, cpu, load in runs:
@@ -165,15 +174,15 @@ def report(framing: str, runs: list, daemon: Any, key: str, verbose: bool) -> di
               f" CPU % of a core: daemon {cpu['server']:.0f}, client {cpu['own']:.0f}, others {cpu['others']:.0f}; {load}")
         if not src.turns:
             print("    the daemon's log:\n" + "\n".join("    " + line for line in daemon.log_text().splitlines()[-8:]))
-        pairs += [(src, t, s) for t, s in server_split(src.turns, record)]
+        pairs += [(src, t, s, heard_at(record, t.asked_at)) for t, s in server_split(src.turns, record)]
         loads.append(load)
-    v2v = [(t, src.v2v(t)) for src, t, _ in pairs if src.v2v(t) is not None]
+    v2v = [(t, src.v2v(t)) for src, t, _, _ in pairs if src.v2v(t) is not None]
     values = [v for _, v in v2v]
     if verbose:
-        for src, t, s in pairs:
+        for src, t, s, heard in pairs:
             s = s or {}
             print(f"  {voice_of(t.clip):10} {t.clip.text[:30]:30} client {ms(src.v2v(t))} (clip end {ms(t.v2v)})  daemon "
-                  + " ".join(f"{k[:5]} {ms(s.get(k), 5)}" for k in LATENCY_KEYS))
+                  + " ".join(f"{k[:5]} {ms(s.get(k), 5)}" for k in LATENCY_KEYS) + f"  heard {heard!r}")
     print()
     print(f"[{framing}] voice to voice, client side (played end of speech -> first agent byte), ms: "
           f"{'n':>3} {'p50':>7} {'p95':>7} {'max':>7}")
@@ -185,7 +194,7 @@ def report(framing: str, runs: list, daemon: Any, key: str, verbose: bool) -> di
     unanswered = sum(1 for src, _, _, _ in runs for t in src.turns if t.first_byte is None)
     if unanswered:
         print(f"    unanswered turns: {unanswered}")
-    splits = [s for _, _, s in pairs if s]
+    splits = [s for _, _, s, _ in pairs if s]
     print(f"[{framing}] the daemon's split of the same turns (call records), ms: {'n':>3} {'p50':>7} {'p95':>7}")
     for line in stage_rows(splits, percentile, ms):
         print(line)

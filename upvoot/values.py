@@ -37,7 +37,8 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"expected a duration like 600ms, 10s, 30m or 1h, got {quoted(text)}")
-    value = float(m.group(1)) * _UNITS[m.group(2)]
+    number, unit = float(m.group(1)), m.group(2)
+    value = number / 1000 if unit == "ms" else number * _UNITS[unit]  # 700ms is 0.7, not 0.7000000000000001
     if not math.isfinite(value):
         raise ValueError("the duration is too large")
     return value

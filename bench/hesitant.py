@@ -323,7 +323,7 @@ class Policy:
     turn_pause: float = 0.2
     turn_transcribe_after: float = 0.1
     turn_max_pause: float = 2.5
-    turn_unfinished_pause: float = 0.6
+    turn_unfinished_pause: float = 0.7
     min_utterance: float = 0.25
     max_utterance: float = 20.0
     barge_in_min: float = 0.3
@@ -387,9 +387,9 @@ def main() -> None:
     parser.add_argument("--cache", help="keep the built set in this file (pickle) and reuse it")
     parser.add_argument("--transcribe-after", type=float, default=0.1, metavar="SECONDS",
                         help="smart's turn_transcribe_after (default 0.1; 0.2 = with the model, at turn_pause)")
-    parser.add_argument("--unfinished-pause", default="0.6", metavar="SECONDS[,SECONDS...]",
+    parser.add_argument("--unfinished-pause", default="0.7", metavar="SECONDS[,SECONDS...]",
                         help="smart's turn_unfinished_pause: the silence that ends a turn the model says is not "
-                             "finished (default 0.6; several, comma-separated: one smart policy each)")
+                             "finished (default 0.7; several, comma-separated: one smart policy each)")
     args = parser.parse_args()
     import pickle
 

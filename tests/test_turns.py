@@ -499,7 +499,7 @@ def test_turn_options(tmp_path, monkeypatch):
 
     monkeypatch.setattr(smartturn, "model_path", lambda: "found")
     cfg = _load(tmp_path, "turn = smart\nturn_pause = 150ms").agents["a"]
-    assert (cfg.turn, cfg.turn_pause, cfg.turn_max_pause, cfg.turn_unfinished_pause) == ("smart", 0.15, 2.5, 0.6)
+    assert (cfg.turn, cfg.turn_pause, cfg.turn_max_pause, cfg.turn_unfinished_pause) == ("smart", 0.15, 2.5, 0.7)
     assert _load(tmp_path, "turn = smart\nturn_unfinished_pause = 1200ms").agents["a"].turn_unfinished_pause == 1.2
     with pytest.raises(ConfigError, match=r"\[agent:a\] turn_unfinished_pause: 20s is out of range \(100ms\.\.10s\)"):
         _load(tmp_path, "turn = smart\nturn_unfinished_pause = 20s")

@@ -95,7 +95,7 @@ class AgentConfig:
     turn_pause: float = 0.2  # smart: the silence after which the end-of-turn model is asked
     turn_transcribe_after: float = 0.1  # smart: the silence after which the final transcription starts (<= turn_pause)
     turn_max_pause: float = 2.5  # smart: the silence that ends a turn whose transcript dangles
-    turn_unfinished_pause: float = 0.6  # smart: the silence that ends a turn the model says is not finished
+    turn_unfinished_pause: float = 0.7  # smart: the silence that ends a turn the model says is not finished
 
     def fixed_lines(self) -> tuple[str, ...]:
         """Lines the agent may say verbatim: synthesized once and cached."""

@@ -162,7 +162,7 @@ AGENT: dict[str, Option] = {
     "turn_pause": _duration("200ms", 0.06, 2.0),
     "turn_transcribe_after": _duration("100ms", 0.02, 2.0),
     "turn_max_pause": _duration("2500ms", 0.2, 10.0),
-    "turn_unfinished_pause": _duration("600ms", 0.1, 10.0),
+    "turn_unfinished_pause": _duration("700ms", 0.1, 10.0),
     "min_utterance": _duration("250ms", 0.02, 5.0),
     "max_utterance": _duration("20s", 1.0, 120.0),
     "barge_in_min": _duration("300ms", 0.02, 5.0),

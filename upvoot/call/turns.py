@@ -15,8 +15,8 @@ The agent's ``turn`` option picks the policy:
   - "finished": the turn ends as soon as the transcript is there (the
     reply needs it anyway), and that transcript is the turn's;
   - "not finished": the turn ends after ``turn_unfinished_pause`` of
-    silence (default 600 ms, as ``end_of_turn``: see etc/upvoot.ini for what
-    bench/hesitant.py measured of longer ones);
+    silence (default 700 ms: see etc/upvoot.ini for what bench/hesitant.py
+    measured of other values);
   - less than ``MIN_VOICED`` (0.8 s) of speech so far (the model is not
     asked): the turn ends after ``end_of_turn`` (600 ms) of silence, as
     with ``silence``;

@@ -7,7 +7,7 @@ fails: what the engine now does). Clips:
 
 - ``piper`` / ``espeak``: phone-call sentences and short answers ("Yes.",
   "No, thanks.") by the shipped piper voice at three rates and by espeak-ng
-  at two, with 0.2 s before and 0.3 s after (what the endpointer hands over);
+  at two, with 0.5 s before and 0.3 s after (what the endpointer hands over);
 - each of those again in phone band (``*-phone``: 8 kHz, G.711 mu-law
   encode and decode, back to 16 kHz the way the daemon brings an 8 kHz
   caller in, ``upvoot.framing.convert.Decoder``, whose upsampler is
@@ -25,7 +25,7 @@ other short-window settings (pad, minimum window, no-repeat n-gram size),
 with the padded decode as fallback, to show why the defaults are what they
 are.
 
-Run: python bench/wer.py [--sweep] [--no-interims] [--soxr-phone]
+Run: python bench/wer.py [--sweep] [--no-interims] [--soxr-phone] [--before SECONDS]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ set_offline_environment()
 
 
 from upvoot import audio  # noqa: E402
+from upvoot.call.hearing import PRE_ROLL  # noqa: E402
 from upvoot.engines import espeak, piper, whisper, whisper_window  # noqa: E402
 from upvoot.engines.interfaces import EngineContext  # noqa: E402
 from upvoot.framing.g711 import ulaw_decode, ulaw_encode  # noqa: E402
@@ -121,12 +122,12 @@ def phone_band(pcm: bytes, soxr: bool = False) -> bytes:
     return decoder.feed(bytes(wire)) + decoder.flush()
 
 
-def framed(pcm: bytes, seed: int) -> bytes:
-    """0.2 s before and 0.3 s after, in a faint line noise."""
-    return audio.noise(0.2, -65, seed=seed) + pcm + audio.noise(0.3, -65, seed=seed + 1)
+def framed(pcm: bytes, seed: int, before: float = PRE_ROLL) -> bytes:
+    """``before`` (the endpointer's pre-roll, ``PRE_ROLL``: 0.5 s) and 0.3 s after, in a faint line noise."""
+    return audio.noise(before, -65, seed=seed) + pcm + audio.noise(0.3, -65, seed=seed + 1)
 
 
-def synthetic_clips(ctx, soxr_phone: bool = False) -> list[tuple[str, str, str, bytes]]:
+def synthetic_clips(ctx, soxr_phone: bool = False, before: float = PRE_ROLL) -> list[tuple[str, str, str, bytes]]:
     """(group, name, reference, pcm) for piper and espeak, clean and phone."""
     voices = []
     for rate in PIPER_RATES:
@@ -141,7 +142,7 @@ def synthetic_clips(ctx, soxr_phone: bool = False) -> list[tuple[str, str, str, 
     clips = []
     for group, voice, tts in voices:
         for i, text in enumerate(SENTENCES):
-            pcm = framed(tts.synthesize_sync(text), seed=i)
+            pcm = framed(tts.synthesize_sync(text), seed=i, before=before)
             clips.append((group, f"{voice}:{i}", text, pcm))
             clips.append((group + "-phone", f"{voice}:{i}", text, phone_band(pcm)))
             if soxr_phone:
@@ -273,6 +274,8 @@ def main() -> None:
     parser.add_argument("--no-interims", action="store_true")
     parser.add_argument("--soxr-phone", action="store_true",
                         help="also the phone-band clips brought back to 16 kHz by soxr HQ instead of the daemon's decoder")
+    parser.add_argument("--before", type=float, default=PRE_ROLL, metavar="SECONDS",
+                        help=f"line noise before each synthetic clip (default {PRE_ROLL}, the endpointer's pre-roll)")
     args = parser.parse_args()
     ctx = EngineContext(pool=None, clock=None)  # the *_sync methods need no pool
     stt = whisper.factory.build(whisper.factory.parse_options({}, "."), ctx)
@@ -282,7 +285,7 @@ def main() -> None:
           f"clip + {whisper_window.PAD_SECONDS} s, at least {whisper_window.MIN_WINDOW_SECONDS} s, "
           f"no-repeat {whisper_window.NO_REPEAT_NGRAM_SIZE}, cap {whisper_window.TOKENS_PER_SECOND}/s + "
           f"{whisper_window.TOKENS_EXTRA} tokens")
-    clips = synthetic_clips(ctx, args.soxr_phone) + shared_clips()
+    clips = synthetic_clips(ctx, args.soxr_phone, args.before) + shared_clips()
     stt.padded_sync(clips[0][3])  # warm up
     stt.decode_sync(clips[0][3])
     rows = run(stt, clips)

@@ -176,3 +176,21 @@ def test_no_interims_when_the_interval_is_zero():
     data, shown, failed = interims(clock, stt, ep, interval=0.0)
     assert clock.getDelayedCalls() == []
     data.cancel()
+
+
+def test_the_pre_roll_and_what_the_barge_in_judge_hears_of_it():
+    from upvoot.call.hearing import OVERHEARD_PRE_ROLL, PRE_ROLL, Endpointer
+
+    ep = Endpointer(0.6, 0.25, 20.0, 0.3)
+    quiet = [bytes([i, 0]) * (FRAME_BYTES // 2) for i in range(1, 41)]  # 40 distinct silent frames
+    for frame in quiet:
+        ep.feed(frame, False)
+    voiced = b"\x10\x20" * (FRAME_BYTES // 2)
+    for _ in range(3):
+        ep.feed(voiced, True)
+    lead = round(PRE_ROLL * 50) - 2  # the deque holds the two onset frames too
+    assert ep.utterance == b"".join(quiet[-lead:]) + voiced * 3
+    judged = round(OVERHEARD_PRE_ROLL * 50)
+    assert ep.utterance_after(OVERHEARD_PRE_ROLL) == b"".join(quiet[-judged:]) + voiced * 3
+    assert ep.utterance_after(0.0) == voiced * 3
+    assert ep.utterance_after(10.0) == ep.utterance

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from upvoot.call.bargein import BargeIn
 from upvoot.call.caller import CallerSide
-from upvoot.call.hearing import Ear, Interims
+from upvoot.call.hearing import OVERHEARD_PRE_ROLL, Ear, Interims
 from upvoot.call.inputs import CallInputs
 from upvoot.call.limits import CallLimits, Listening, SilenceClock
 from upvoot.call.outcome import CallOutcome, CallReport, EndReason
@@ -256,7 +256,7 @@ class CallCore(CallerSide):
 
     def judge(self) -> None:
         """Confirmed speech over the agent: its words decide (backchannels)."""
-        self.barge.judge(self.ear.endpointer.utterance)
+        self.barge.judge(self.ear.endpointer.utterance_after(OVERHEARD_PRE_ROLL))
 
     def resume(self, backchannel: bool = False) -> None:
         """Not a barge-in: the reply goes on from the last byte heard. After

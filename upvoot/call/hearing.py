@@ -51,6 +51,11 @@ from upvoot.engines.interfaces import EngineBusy
 #: (500) and 15.7 % (600), the waits after complete sentences p50 220-240 ms
 #: and p95 580 ms throughout.
 PRE_ROLL = 0.5
+#: What the barge-in judge (``upvoot.call.bargein``) hears from before the
+#: onset: over the agent, the audio before the caller's first word may hold
+#: the agent's own voice (echo), whose words would make a backchannel look
+#: like a barge-in.
+OVERHEARD_PRE_ROLL = 0.2
 
 
 @attrs.frozen
@@ -123,6 +128,7 @@ class Endpointer:
         self.in_speech = False
         self._run = 0  # consecutive voiced frames while not in speech
         self._utterance = bytearray()
+        self._lead = 0
         self._voiced = 0
         self._frames = 0
         self._silent = 0
@@ -132,6 +138,12 @@ class Endpointer:
     def utterance(self) -> bytes:
         """Audio of the utterance so far (for interim transcripts)."""
         return bytes(self._utterance)
+
+    def utterance_after(self, before: float) -> bytes:
+        """The utterance so far with at most ``before`` seconds of the audio
+        from before its onset (``utterance`` has all of the pre-roll)."""
+        keep = min(self._lead, int(before * 1000 / FRAME_MS) * FRAME_BYTES)
+        return bytes(self._utterance[self._lead - keep:])
 
     @property
     def voiced_seconds(self) -> float:
@@ -152,6 +164,7 @@ class Endpointer:
             if self._run >= 2:
                 self.in_speech = True
                 self._utterance = bytearray(b"".join(self._pre))
+                self._lead = len(self._utterance) - self._run * FRAME_BYTES  # bytes from before the onset
                 self._pre.clear()
                 self._voiced = self._run
                 self._frames = self._run
@@ -232,6 +245,7 @@ class Endpointer:
         self.in_speech = False
         self._run = 0
         self._utterance = bytearray()
+        self._lead = 0
         self._pre.clear()
         self._paused = self._quiet = False
         self._again = 0

@@ -381,3 +381,23 @@ def test_over_exotel_8khz_a_resume_from_the_last_echoed_mark_says_nothing_twice(
         # seam is seamless (a fresh resampler's start differed by up to 2,600 LSB for ~6 ms); two
         # uninterrupted 8 kHz streams differ by 2 LSB (soxr's blocks)
         assert int(np.abs(got - expected).max()) <= 4, after
+
+
+def test_speech_over_the_agent_keeps_only_a_short_pre_roll():
+    """Before the caller's first word over the agent, the line may carry the
+    agent's own echo: the utterance keeps OVERHEARD_PRE_ROLL of it, not the
+    whole PRE_ROLL a turn begun in silence keeps."""
+    from upvoot.call.hearing import OVERHEARD_PRE_ROLL, PRE_ROLL
+
+    per_second = 2 * 16000
+    stt = QueueSTT(["hours please"], interim="wait a second")
+    h = Harness(stt=stt, backchannels=("mm-hm",))
+    h.to_reply()
+    first = [n for n, final in stt.requests if final][0]
+    assert first >= (PRE_ROLL - 0.04 + 0.7) * per_second, first
+    h.wait(1.0)
+    before = len(stt.requests)
+    h.wait(0.4, speech(0.4))
+    judged = [n for n, final in stt.requests[before:] if not final]
+    assert h.state == "hearing" and judged
+    assert max(judged) <= (OVERHEARD_PRE_ROLL + 0.4) * per_second, judged

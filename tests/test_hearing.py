@@ -178,19 +178,30 @@ def test_no_interims_when_the_interval_is_zero():
     data.cancel()
 
 
-def test_the_pre_roll_and_what_the_barge_in_judge_hears_of_it():
+def test_the_pre_roll_and_its_trim_over_the_agent():
     from upvoot.call.hearing import OVERHEARD_PRE_ROLL, PRE_ROLL, Endpointer
 
-    ep = Endpointer(0.6, 0.25, 20.0, 0.3)
-    quiet = [bytes([i, 0]) * (FRAME_BYTES // 2) for i in range(1, 41)]  # 40 distinct silent frames
-    for frame in quiet:
-        ep.feed(frame, False)
+    def started() -> tuple:
+        ep = Endpointer(0.6, 0.25, 20.0, 0.3)
+        quiet = [bytes([i, 0]) * (FRAME_BYTES // 2) for i in range(1, 41)]  # 40 distinct silent frames
+        for frame in quiet:
+            ep.feed(frame, False)
+        for _ in range(15):  # 300 ms: an utterance, not a click
+            ep.feed(voiced, True)
+        return ep, quiet
+
     voiced = b"\x10\x20" * (FRAME_BYTES // 2)
-    for _ in range(3):
-        ep.feed(voiced, True)
+    ep, quiet = started()
     lead = round(PRE_ROLL * 50) - 2  # the deque holds the two onset frames too
-    assert ep.utterance == b"".join(quiet[-lead:]) + voiced * 3
-    judged = round(OVERHEARD_PRE_ROLL * 50)
-    assert ep.utterance_after(OVERHEARD_PRE_ROLL) == b"".join(quiet[-judged:]) + voiced * 3
-    assert ep.utterance_after(0.0) == voiced * 3
-    assert ep.utterance_after(10.0) == ep.utterance
+    assert ep.utterance == b"".join(quiet[-lead:]) + voiced * 15
+    ep.trim_lead(OVERHEARD_PRE_ROLL)
+    kept = round(OVERHEARD_PRE_ROLL * 50)
+    assert ep.utterance == b"".join(quiet[-kept:]) + voiced * 15
+    ep.trim_lead(10.0)  # never adds back
+    assert ep.utterance == b"".join(quiet[-kept:]) + voiced * 15
+    events = [e for _ in range(40) for e in ep.feed(FRAME, False)]
+    ended = [e for e in events if isinstance(e, Ended)]
+    assert len(ended) == 1 and ended[0].pcm.startswith(b"".join(quiet[-kept:]) + voiced * 15)
+    ep2, _ = started()
+    ep2.trim_lead(0.0)
+    assert ep2.utterance == voiced * 15

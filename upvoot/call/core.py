@@ -250,13 +250,15 @@ class CallCore(CallerSide):
 
     # ---------------------------------------------------------- barge-in
     def pause(self) -> None:
-        """Onset over the agent: it pauses, the line's buffer is cleared (``BargeIn``)."""
+        """Onset over the agent: it pauses, the line's buffer is cleared
+        (``BargeIn``); the utterance keeps less of the audio from before it."""
         if self.reply is not None:
+            self.ear.endpointer.trim_lead(OVERHEARD_PRE_ROLL)
             self.barge.pause(self.reply.playback)
 
     def judge(self) -> None:
         """Confirmed speech over the agent: its words decide (backchannels)."""
-        self.barge.judge(self.ear.endpointer.utterance_after(OVERHEARD_PRE_ROLL))
+        self.barge.judge(self.ear.endpointer.utterance)
 
     def resume(self, backchannel: bool = False) -> None:
         """Not a barge-in: the reply goes on from the last byte heard. After

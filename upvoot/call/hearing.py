@@ -51,10 +51,10 @@ from upvoot.engines.interfaces import EngineBusy
 #: (500) and 15.7 % (600), the waits after complete sentences p50 220-240 ms
 #: and p95 580 ms throughout.
 PRE_ROLL = 0.5
-#: What the barge-in judge (``upvoot.call.bargein``) hears from before the
-#: onset: over the agent, the audio before the caller's first word may hold
-#: the agent's own voice (echo), whose words would make a backchannel look
-#: like a barge-in.
+#: The pre-roll of an utterance begun over the agent: the audio before the
+#: caller's first word may hold the agent's own voice (echo), whose words
+#: would make a backchannel look like a barge-in (``upvoot.call.bargein``)
+#: and join the caller's transcript.
 OVERHEARD_PRE_ROLL = 0.2
 
 
@@ -139,11 +139,12 @@ class Endpointer:
         """Audio of the utterance so far (for interim transcripts)."""
         return bytes(self._utterance)
 
-    def utterance_after(self, before: float) -> bytes:
-        """The utterance so far with at most ``before`` seconds of the audio
-        from before its onset (``utterance`` has all of the pre-roll)."""
+    def trim_lead(self, before: float) -> None:
+        """Keep at most ``before`` seconds of the audio from before the onset
+        in the utterance in progress (``utterance`` and every event after)."""
         keep = min(self._lead, int(before * 1000 / FRAME_MS) * FRAME_BYTES)
-        return bytes(self._utterance[self._lead - keep:])
+        del self._utterance[: self._lead - keep]
+        self._lead = keep
 
     @property
     def voiced_seconds(self) -> float:

@@ -92,7 +92,7 @@ def test_shipped_ini_values_are_the_defaults(tmp_path):
     """The example sets every limit to its default, as its comments say."""
     shipped = load_config(str(SHIPPED_INI))
     defaults = load_config(str(write(tmp_path, "[upvoot]\n[agent:demo]\n")))
-    for field in ("listen", "max_calls", "lag_budget", "playout_lead", "workers", "worker_queue",
+    for field in ("listen", "max_calls", "lag_budget", "playout_lead", "playout_lead_min", "workers", "worker_queue",
                   "log_transcripts", "websocket"):
         assert getattr(shipped, field) == getattr(defaults, field), field
     demo, default = shipped.agents["demo"], defaults.agents["demo"]
@@ -457,6 +457,15 @@ def test_start_timeout_and_max_handshake_size(tmp_path):
     assert (cfg.websocket.start_timeout, cfg.websocket.max_handshake_size) == (10.0, 8192)
     cfg = load_config(str(write(tmp_path, "[upvoot]\nstart_timeout = 2500ms\nmax_handshake_size = 4096\n[agent:x]\n")))
     assert (cfg.websocket.start_timeout, cfg.websocket.max_handshake_size) == (2.5, 4096)
+
+
+def test_playout_lead_min_is_at_most_playout_lead(tmp_path):
+    cfg = load_config(str(write(tmp_path, "[upvoot]\n[agent:x]\n")))
+    assert (cfg.playout_lead, cfg.playout_lead_min) == (0.1, 0.06)
+    cfg = load_config(str(write(tmp_path, "[upvoot]\nplayout_lead = 80ms\nplayout_lead_min = 80ms\n[agent:x]\n")))
+    assert (cfg.playout_lead, cfg.playout_lead_min) == (0.08, 0.08)
+    path = write(tmp_path, "[upvoot]\nplayout_lead = 80ms\nplayout_lead_min = 100ms\n[agent:x]\n")
+    assert config_error(path) == f"{path}: [upvoot] playout_lead_min: must not be longer than playout_lead"
 
 
 def test_detect_timeout_must_be_shorter_than_start_timeout(tmp_path):

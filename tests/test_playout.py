@@ -31,7 +31,7 @@ def seconds(n: float) -> bytes:
 
 
 class World:
-    def __init__(self, lead=0.1, marks=False, on_sent=None):
+    def __init__(self, lead=0.1, marks=False, on_sent=None, min_lead=None):
         self.clock = Clock()
         self.clock.advance(50.0)
         self.line = Line()
@@ -39,7 +39,7 @@ class World:
         self.ledger = MarkLedger(self.line, self.clock) if marks else None
         self.played: list[float] = []
         self.playback = Playback(self.line, lead, lambda: self.played.append(self.clock.seconds()),
-                                 marks=self.ledger, on_sent=on_sent)
+                                 marks=self.ledger, on_sent=on_sent, min_lead=min_lead)
 
     def run(self, seconds: float) -> None:
         for _ in range(int(round(seconds / STEP))):
@@ -57,6 +57,53 @@ def test_audio_leaves_at_once_up_to_the_lead_then_at_real_time():
     assert 0.1 * BYTES_PER_SECOND <= ahead <= 0.1 * BYTES_PER_SECOND + FRAME_BYTES, "then real time, a lead ahead of the ear"
     w.playback.stop()
     assert w.clock.getDelayedCalls() == [], "no tick while nothing plays"
+
+
+def test_peak_lateness_rises_at_once_and_halves_every_half_life():
+    from upvoot.timing import PeakLateness
+
+    peak = PeakLateness(half_life=5.0)
+    assert peak.value(10.0) == 0.0
+    peak.add(0.08, 10.0)
+    assert peak.value(10.0) == pytest.approx(0.08)
+    assert peak.value(15.0) == pytest.approx(0.04)
+    peak.add(0.01, 15.0)  # not as late as what is left of the peak
+    assert peak.value(20.0) == pytest.approx(0.02)
+    peak.add(0.05, 20.0)
+    assert peak.value(20.0) == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        PeakLateness(half_life=0)
+
+
+def test_a_floor_lets_the_lead_follow_the_pacers_recent_lateness():
+    """With min_lead the lead is a tick, the worst recent tick lateness and a
+    tick's margin, within min_lead..lead: a calm pacer keeps the floor, a
+    stall raises the lead at once, and a calm spell brings it back."""
+    w = World(lead=0.1, min_lead=0.06)
+    w.playback.add(seconds(30.0), "hello")
+    w.pacer.add(w.playback)
+    assert w.line.sent == int(0.06 * BYTES_PER_SECOND), "a calm process: the floor leaves at once"
+    w.run(1.0)
+    assert w.line.sent - w.playback.played <= 0.06 * BYTES_PER_SECOND + FRAME_BYTES
+    w.clock.advance(STEP + 0.05)  # one tick 50 ms late
+    assert w.pacer.lead(w.clock.seconds(), 0.1, 0.06) == pytest.approx(0.09)
+    assert w.line.sent - w.playback.played >= 0.09 * BYTES_PER_SECOND - FRAME_BYTES, "the lead rose with the stall"
+    w.clock.advance(STEP + 0.2)  # a 200 ms stall: never past lead
+    assert w.pacer.lead(w.clock.seconds(), 0.1, 0.06) == 0.1
+    w.run(30.0)  # calm again: the peak decays, the lead is back at the floor
+    assert w.pacer.lead(w.clock.seconds(), 0.1, 0.06) == 0.06
+    assert w.line.sent - w.playback.played <= 0.06 * BYTES_PER_SECOND + FRAME_BYTES
+
+
+def test_without_a_floor_the_lead_is_fixed_whatever_the_lateness():
+    w = World(lead=0.1)
+    w.playback.add(seconds(5.0), "hello")
+    w.pacer.add(w.playback)
+    w.run(0.5)
+    w.clock.advance(STEP + 0.2)
+    w.run(0.5)
+    ahead = w.line.sent - w.playback.played
+    assert 0.1 * BYTES_PER_SECOND <= ahead <= 0.1 * BYTES_PER_SECOND + FRAME_BYTES
 
 
 def test_a_lead_below_a_frame_still_sends_a_frame():

@@ -200,15 +200,15 @@ class FakeHandle:
     """A call as ``upvoot.call.new_call`` returns it, ending when told to.
     ``shutdown`` ends it (the goodbye takes ``goodbye`` seconds, None: never)."""
 
-    def __init__(self, calls: "FakeCalls", agent, line, clock, pacer, on_ended, *, call_id, lead, log_transcripts,
-                 recorder) -> None:
+    def __init__(self, calls: "FakeCalls", agent, line, clock, pacer, on_ended, *, call_id, lead, min_lead,
+                 log_transcripts, recorder) -> None:
         self.calls = calls
         self.agent = agent
         self.line = line
         self.clock = clock
         self.on_ended = on_ended
         self.call_id = call_id
-        self.kw = {"lead": lead, "log_transcripts": log_transcripts, "recorder": recorder}
+        self.kw = {"lead": lead, "min_lead": min_lead, "log_transcripts": log_transcripts, "recorder": recorder}
         self.started_at = calls.wall()
         self.events: list[str] = []
         self.ended = False
@@ -389,8 +389,8 @@ def test_a_started_call_is_kept_by_its_handle_opened_and_beaten_at_once(ready, l
     handle = ready.start(started)
     assert isinstance(handle, FakeHandle) and verifyObject(ICallHandle, handle)
     assert handle.events == ["start"] and handle.line.name == "line"
-    assert handle.kw == {"lead": ready.config.playout_lead, "log_transcripts": ready.config.log_transcripts,
-                         "recorder": None}
+    assert handle.kw == {"lead": ready.config.playout_lead, "min_lead": ready.config.playout_lead_min,
+                         "log_transcripts": ready.config.log_transcripts, "recorder": None}
     assert list(ready.service.calls) == [handle.call_id]
     # opened, then a heartbeat at once (not a beat-interval later)
     (op, cid, started_at), (beat, cid2, beat_at) = ready.store.asked

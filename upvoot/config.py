@@ -148,6 +148,7 @@ class Config:
     database_password_file: str = ""  # absolute once loaded; "" = none (libpq's environment, ~/.pgpass)
     database_pool: int = 4  # PostgreSQL connections (and threads) per node; SQLite has one
     node_id: str = "node"  # this process in the shared ledger (upvoot.nodes)
+    playout_lead_min: float = 0.06  # the lead follows the pacer's recent lateness down to this
     lease: float = 60.0  # an active call without a heartbeat this long is settled as a crash
     reservation_horizon: float = 120.0  # how far ahead a running call holds points
     console: bool = True  # the browser console on the admin listener (upvoot.console)
@@ -287,6 +288,8 @@ def load_config(path: str) -> Config:
         agents[name] = _parse_agent(path, section, name, dict(parser[section]), state_dir)
     if not agents:
         raise ConfigError(path, None, None, "no [agent:NAME] section: define at least one agent")
+    if main["playout_lead_min"] > main["playout_lead"]:
+        raise ConfigError(path, "upvoot", "playout_lead_min", "must not be longer than playout_lead")
     if main["detect_timeout"] >= main["start_timeout"]:
         raise ConfigError(path, "upvoot", "detect_timeout", "must be shorter than start_timeout")
     if main["lease"] <= main["heartbeat"]:

@@ -112,6 +112,7 @@ MAIN: dict[str, Option] = {
     "max_calls": _int("50", 1, 100_000),
     "lag_budget": _duration("150ms", 0.005, 10.0),
     "playout_lead": _duration("100ms", 0.02, 2.0),
+    "playout_lead_min": _duration("60ms", 0.02, 2.0),
     "workers": _int("0", 0, 64),
     "worker_queue": _int("8", 0, 1000),
     "log_transcripts": _bool("no"),

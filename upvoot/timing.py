@@ -52,3 +52,24 @@ class LagAverage:
     def add(self, late: float) -> None:
         self.average = (1.0 - self.weight) * self.average + self.weight * late
         self.worst = max(self.worst, late)
+
+
+class PeakLateness:
+    """The worst recent lateness: a new sample at least as late as the
+    current value replaces it, and the value halves every ``half_life``
+    seconds after it (so one stall raises it at once, and a calm spell
+    brings it back down)."""
+
+    def __init__(self, half_life: float = 5.0) -> None:
+        if half_life <= 0:
+            raise ValueError(f"half_life must be positive, got {half_life!r}")
+        self.half_life = half_life
+        self._peak = 0.0
+        self._at = 0.0
+
+    def value(self, now: float) -> float:
+        return self._peak * 0.5 ** (max(0.0, now - self._at) / self.half_life)
+
+    def add(self, late: float, now: float) -> None:
+        if late >= self.value(now):
+            self._peak, self._at = late, now

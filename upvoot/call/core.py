@@ -42,7 +42,7 @@ class CallCore(CallerSide):
 
     def __init__(self, agent: Any, line: Any, clock: Any, pacer: Pacer, post: Post,
                  on_ended: Callable[[CallOutcome], None], *, call_id: str | None = None, lead: float = 0.1,
-                 log_transcripts: bool = False, recorder: Any = None) -> None:
+                 min_lead: float | None = None, log_transcripts: bool = False, recorder: Any = None) -> None:
         cfg = agent.config
         self.agent = agent
         self.line = line  # ILine
@@ -64,6 +64,7 @@ class CallCore(CallerSide):
         self.silence = SilenceClock(self.report.t0)
         # a provider's minimum chunk (Exotel) needs more lead for the first chunk to leave at once
         self.lead = max(lead, line.min_lead)
+        self.min_lead = None if min_lead is None else max(min_lead, line.min_lead)
         self.marks = MarkLedger(line, clock) if line.acknowledges_playout else None
         self.barge = BargeIn(line, self.marks, self.report, agent.stt, cfg.backchannels, post)
         self.reply: Reply | None = None  # the agent speech of the live states
@@ -114,7 +115,7 @@ class CallCore(CallerSide):
     # ------------------------------------------------------------ speaking
     def _new_playback(self, on_played: Callable[[], None]) -> Playback:
         on_sent = self._record_agent if self.recorder is not None else None
-        return Playback(self.line, self.lead, on_played, marks=self.marks, on_sent=on_sent)
+        return Playback(self.line, self.lead, on_played, marks=self.marks, on_sent=on_sent, min_lead=self.min_lead)
 
     def _record_agent(self, pcm: bytes, ahead: float) -> None:
         self.recorder.agent(self.report.elapsed() + ahead, pcm)  # where it plays at the caller's ear

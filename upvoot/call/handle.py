@@ -58,13 +58,13 @@ class CallHandle:
     (``state``, from ``TRANSITIONS``)."""
 
     def __init__(self, agent: Any, line: Any, clock: Any, pacer: Any, on_ended: Callable[[CallOutcome], None], *,
-                 call_id: str | None = None, lead: float = 0.1, log_transcripts: bool = False,
-                 recorder: Any = None) -> None:
+                 call_id: str | None = None, lead: float = 0.1, min_lead: float | None = None,
+                 log_transcripts: bool = False, recorder: Any = None) -> None:
         self._inbox: collections.deque = collections.deque()
         self._firing = False
         self.state = INITIAL
         self.core = CallCore(agent, line, clock, pacer, self.post, on_ended, call_id=call_id, lead=lead,
-                             log_transcripts=log_transcripts, recorder=recorder)
+                             min_lead=min_lead, log_transcripts=log_transcripts, recorder=recorder)
         self._machine = CallMachine(self.core)
         self.call_id = self.core.call_id
 
@@ -114,16 +114,17 @@ class CallHandle:
 
 
 def new_call(agent: Any, line: Any, clock: Any, pacer: Any, on_ended: Callable[[CallOutcome], None], *,
-             call_id: str | None = None, lead: float = 0.1, log_transcripts: bool = False,
-             recorder: Any = None) -> ICallHandle:
+             call_id: str | None = None, lead: float = 0.1, min_lead: float | None = None,
+             log_transcripts: bool = False, recorder: Any = None) -> ICallHandle:
     """A call, not yet started (``start()`` it): ``agent`` (an
     ``upvoot.daemon.agents.Agent``-shaped bundle of config and engines) on
     ``line`` (an ``ILine``), time from ``clock`` (``IReactorTime``), audio
     paced by the process's ``pacer``; ``on_ended`` is called once with the
     ``CallOutcome``. ``recorder``: an ``ICallRecorder`` to record the call
     into, or None. ``lead``: seconds of agent audio kept ahead of the
-    caller's ear."""
-    return CallHandle(agent, line, clock, pacer, on_ended, call_id=call_id, lead=lead,
+    caller's ear; with ``min_lead``, the most, and the lead follows the
+    pacer's recent lateness down to ``min_lead`` (``Playback``)."""
+    return CallHandle(agent, line, clock, pacer, on_ended, call_id=call_id, lead=lead, min_lead=min_lead,
                       log_transcripts=log_transcripts, recorder=recorder)
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from upvoot.timing import Lateness
+from upvoot.timing import Lateness, PeakLateness
 from upvoot.audio import BYTES_PER_SECOND, FRAME_BYTES
 
 
@@ -88,7 +88,11 @@ class Playback:
         *,
         marks: "MarkLedger | None" = None,
         on_sent: Callable[[bytes, float], None] | None = None,
+        min_lead: float | None = None,
     ) -> None:
+        """``lead``: seconds of audio kept ahead of the ear; with ``min_lead``,
+        ``lead`` is the most, and the lead follows the pacer's recent
+        lateness (``Pacer.lead``) down to ``min_lead``."""
         self._line = line
         self._marks = marks
         self._on_sent = on_sent
@@ -101,6 +105,7 @@ class Playback:
         self._origin = 0  # where the line's chunk grid starts: 0, or the acknowledged byte of a resume
         self._estimate_done_at: float | None = None
         self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
+        self._lead = (lead, min(lead, min_lead)) if min_lead is not None else None
         self._on_played = on_played
         self._buffer = bytearray()
         self._sentences: list[Sentence] = []
@@ -146,6 +151,8 @@ class Playback:
         if self._last is not None and self.started:
             self.played = min(float(self.sent), self.played + (now - self._last) * BYTES_PER_SECOND)
         self._last = now
+        if self._lead is not None:
+            self._lead_bytes = max(FRAME_BYTES, int(self.pacer.lead(now, *self._lead) * BYTES_PER_SECOND) // 2 * 2)
         if not self.paused:
             while self._buffer and self.sent - self.played < self._lead_bytes:
                 size = FRAME_BYTES
@@ -346,6 +353,7 @@ class Pacer:
         self._playbacks: dict[Playback, None] = {}
         self._loop: LoopingCall | None = None
         self._lateness = Lateness(interval)
+        self._peak = PeakLateness()
         self._on_lag = on_lag
         self.last_lag = 0.0
 
@@ -372,9 +380,16 @@ class Pacer:
     def active(self) -> int:
         return len(self._playbacks)
 
+    def lead(self, now: float, most: float, least: float) -> float:
+        """The lead that rides out this process's recent lateness: a tick,
+        the worst recent lateness and a tick's margin, within least..most
+        (the ear's buffer must outlast the wait for the next tick)."""
+        return min(most, max(least, 2 * self.interval + self._peak.value(now)))
+
     def _tick(self) -> None:
         now = self._clock.seconds()
         self.last_lag = self._lateness.tick(now)
+        self._peak.add(self.last_lag, now)
         if self._on_lag is not None:
             self._on_lag(self.last_lag)
         for playback in list(self._playbacks):

@@ -346,7 +346,8 @@ class UpVootService(service.MultiService):
         try:
             call.handle = self._new_call(
                 agent, line, self.clock, self.pacer, lambda outcome: self._ended(call, outcome), call_id=call_id,
-                lead=self.config.playout_lead, log_transcripts=self.config.log_transcripts, recorder=recorder)
+                lead=self.config.playout_lead, min_lead=self.config.playout_lead_min,
+                log_transcripts=self.config.log_transcripts, recorder=recorder)
         except Exception:
             call.release()
             raise

@@ -104,8 +104,7 @@ class Playback:
         self._last_mark = 0
         self._origin = 0  # where the line's chunk grid starts: 0, or the acknowledged byte of a resume
         self._estimate_done_at: float | None = None
-        self._lead_bytes = max(FRAME_BYTES, int(lead * BYTES_PER_SECOND) // 2 * 2)
-        self._lead = (lead, min(lead, min_lead)) if min_lead is not None else None
+        self._lead = (lead, lead if min_lead is None else min(lead, min_lead))  # (most, least): equal = fixed
         self._on_played = on_played
         self._buffer = bytearray()
         self._sentences: list[Sentence] = []
@@ -151,10 +150,9 @@ class Playback:
         if self._last is not None and self.started:
             self.played = min(float(self.sent), self.played + (now - self._last) * BYTES_PER_SECOND)
         self._last = now
-        if self._lead is not None:
-            self._lead_bytes = max(FRAME_BYTES, int(self.pacer.lead(now, *self._lead) * BYTES_PER_SECOND) // 2 * 2)
+        lead_bytes = max(FRAME_BYTES, int(self.pacer.lead(now, *self._lead) * BYTES_PER_SECOND) // 2 * 2)
         if not self.paused:
-            while self._buffer and self.sent - self.played < self._lead_bytes:
+            while self._buffer and self.sent - self.played < lead_bytes:
                 size = FRAME_BYTES
                 due = self._next_mark() if self._marks is not None else 0
                 if due > self.sent:
